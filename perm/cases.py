@@ -337,3 +337,32 @@ def card_markdown(card: dict) -> str:
         lines.append("\nDropped rows:")
         lines += [f"- {row}" for row in card["dropped_rows"]]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- answers JSONL
+
+def load_answers(path: str) -> list[dict]:
+    """Rows of an answers JSONL (CONVENTIONS.md): case fields, `case_id`, `id`, `completion`,
+    optional `model`. A malformed row raises RowError naming `file:line`."""
+    if not Path(path).is_file():
+        raise RowError(f"{path}: answers file not found")
+    rows, seen = [], set()
+    for location, row in iter_rows(path):
+        try:
+            if isinstance(row, RowError):
+                raise row
+            if not isinstance(row, dict):
+                raise RowError(f"row must be a JSON object, got {type(row).__name__}")
+            case = validate(from_case(row))
+            answer = {**case, "case_id": _text(row, "case_id"), "id": _text(row, "id"),
+                      "model": _text(row, "model", required=False)}
+            if not isinstance(row.get("completion"), str):
+                raise RowError("field 'completion' must be a string")
+            answer["completion"] = row["completion"]
+            if answer["id"] in seen:
+                raise RowError(f"answer id {answer['id']!r} is used twice")
+        except RowError as e:
+            raise RowError(f"{location}: {e}") from None
+        seen.add(answer["id"])
+        rows.append(answer)
+    return rows

@@ -1,0 +1,226 @@
+"""Stage 03: the PERM reward, on its own: score answers from four perspectives and check the judge.
+
+Two ways in:
+  ANSWERS=path.jsonl   score answers you already have, from any system (answers format, README)
+  (default)            sample SAMPLES_PER_CASE answers per valid-split case from the policy (MODEL,
+                       plus the SFT adapter of SFT_TAG when INIT=sft) and score them
+
+Every answer is judged for resonation (its analysis), expression and reception (its response) on 1-5
+and by a bystander on 0-100, then combined (COMBINE) into the reward GRPO would see. A sanity battery
+then scores each valid case's reference against weak template answers (empty, platitude, advice
+dump, intrusive over-analysis, protocol injection): `sanity_accuracy` is how often the reward ranks
+the reference first. Run it before spending GPU hours on 04.
+
+Writes runs/reward/<TAG>/: `scored/` (a dataset: the answers' fields, every perspective, bystander
+sub-scores, each reward term, the judges' text), `sanity/`, `metrics.json` (incl. the perspective
+correlation matrix).
+
+Run:   python 03_reward.py                       # PRESET=auto; on CPU the demo model judges itself
+       python 03_reward.py ANSWERS=mine.jsonl JUDGE=api JUDGE_MODEL=gpt-4o-mini JUDGE_MODE=reasoned
+       (the API key comes from the environment variable JUDGE_API_KEY, never from a setting)
+
+Beyond the paper: scores are expectations over digit probabilities where the backend gives them; a
+failed judgment is retried, then counted and its answer left out (the paper averaged it away);
+judgments are cached in SQLite so nothing is paid for twice; the judge's own last line is the only
+score it can give.
+"""
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+from perm.cases import RowError, load_answers
+from perm.judges import BYSTANDER_CRITERIA, PERSPECTIVES, make_judge
+from perm.reward import PermScorer, RewardSettings
+from perm.runs import StageRun, inherit, seed_everything, upstream
+from perm.sanity import battery
+from perm.settings import configure, explicit_keys
+
+# ---------------------------------------------------------------- settings
+RUNS_DIR = "runs"
+TAG = "default"
+SEED = 1234
+SMOKE = False
+PRESET = "auto"
+DATA_TAG = "default"
+SFT_TAG = "default"
+MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # policy base: hub id, folder, or alias (tiny, smollm2-135m)
+INIT = "base"                  # base | sft (adds the adapter of runs/sft/<SFT_TAG>)
+ANSWERS = ""                   # an answers JSONL to score instead of sampling the policy
+SAMPLES_PER_CASE = 4           # answers per valid case (a GRPO group)
+MAX_CASES = 0                  # 0 = every valid case
+MAX_NEW_TOKENS = 512           # answer budget; lower it if generation is slow
+TEMPERATURE = 1.0              # sampling temperature, as in GRPO
+SANITY = True                  # run the sanity battery on the valid split's references
+# judge (CONVENTIONS.md)
+JUDGE = "local"                # local | api
+JUDGE_MODEL = "Qwen/Qwen2.5-3B-Instruct"  # local: hub id, folder or alias; api: the model name
+JUDGE_BASE_URL = ""            # api: e.g. http://localhost:8000/v1 (vLLM); empty = OpenAI
+JUDGE_MODE = "direct"          # direct (score only) | reasoned (a short reason, then the score; paper)
+JUDGE_TEMPERATURE = 0.3        # paper: 0.3
+JUDGE_CONCURRENCY = 32         # api: requests in flight
+JUDGE_BATCH_SIZE = 8           # local: prompts per forward pass
+JUDGE_TIMEOUT = 60.0           # api: seconds per attempt
+JUDGE_RETRIES = 3              # attempts after the first
+JUDGE_CACHE = ""               # SQLite path; empty = RUNS_DIR/judge_cache.sqlite
+MAX_JUDGE_FAILURE_RATE = 0.2   # stop past this share of failed judgments
+# reward (METHOD.md section 4)
+PERSPECTIVES = ["resonation", "expression", "reception"]  # drop one for an ablation
+COMBINE = "harmonic"           # harmonic (paper) | mean | geometric | weighted
+PERSPECTIVE_WEIGHTS = {"resonation": 1.0, "expression": 1.0, "reception": 1.0}  # for COMBINE=weighted
+BYSTANDER_COEF = 0.5           # paper 0.5; 0 turns the bystander off
+LENGTH_LIMIT = 384             # tokens before the length penalty (paper 768 with 1024-token answers)
+LENGTH_COEF = 0.001            # per token over the limit (paper)
+RECEPTION_SEES_HIDDEN_NEED = False  # give the reception judge the case's hidden need (an ablation)
+
+PRESETS = {
+    "cpu": {"MODEL": "smollm2-135m", "JUDGE_MODEL": "smollm2-135m", "SAMPLES_PER_CASE": 2, "MAX_CASES": 8,
+            "MAX_NEW_TOKENS": 160, "LENGTH_LIMIT": 200, "JUDGE_BATCH_SIZE": 4},
+    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "JUDGE_MODEL": "Qwen/Qwen2.5-3B-Instruct"},
+    "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
+    "smoke": {"MODEL": "tiny", "JUDGE_MODEL": "tiny", "SAMPLES_PER_CASE": 2, "MAX_CASES": 3,
+              "MAX_NEW_TOKENS": 48, "LENGTH_LIMIT": 40},
+}
+settings = configure(globals(), PRESETS)
+
+
+def answers_from_policy(cases):
+    from perm.generation import sample_answers
+    from perm.models import load_model
+    adapter = None
+    if INIT == "sft":
+        sft_dir, sft_config = upstream(RUNS_DIR, "sft", SFT_TAG)
+        inherit(settings, sft_config["settings"], ["MODEL"], explicit_keys(globals()), f"sft/{SFT_TAG}")
+        adapter = str(sft_dir / "adapter")
+    elif INIT != "base":
+        sys.exit(f"error: INIT={INIT!r}; choose base or sft")
+    model, tok = load_model(settings["MODEL"], RUNS_DIR, adapter=adapter)
+    samples = sample_answers(model, tok, [c["prompt"] for c in cases], SAMPLES_PER_CASE, MAX_NEW_TOKENS,
+                             TEMPERATURE, seed=SEED)
+    label = settings["MODEL"] + (f"+sft/{SFT_TAG}" if adapter else "")
+    rows = [dict({k: v for k, v in case.items() if k != "prompt"}, case_id=case["id"], id=f"{case['id']}#{k}",
+                 completion=s["text"], completion_tokens=s["completion_tokens"], truncated=s["truncated"], model=label)
+            for case, group in zip(cases, samples) for k, s in enumerate(group)]
+    return rows, (model, tok)
+
+
+def token_counts(rows, tok):
+    return [row.get("completion_tokens") or len(tok(row["completion"], add_special_tokens=False)["input_ids"])
+            for row in rows]
+
+
+def score_rows(scorer, rows, tok):
+    results = scorer.score(rows, [r["completion"] for r in rows], token_counts(rows, tok))
+    out = []
+    for row, r in zip(rows, results):
+        flat = {**row, "formatted": r.formatted, "failed": r.failed, "completion_tokens": r.completion_tokens,
+                "bystander": r.bystander, "empathy_reward": r.empathy, "bystander_reward": r.bystander_reward,
+                "length_reward": r.length_reward, "reward": r.reward}
+        flat.update({p: r.scores.get(p) for p in PERSPECTIVES})
+        flat.update({f"bystander_{c.lower().replace(' ', '_')}": r.subscores.get(c) for c in BYSTANDER_CRITERIA})
+        flat.update({f"judge_{p}": r.judge_texts.get(p, "") for p in (*PERSPECTIVES, "bystander")})
+        flat.setdefault("truncated", False)
+        out.append(flat)
+    return out
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarize(rows):
+    m = {f"{p}_mean": mean(r[p] for r in rows) for p in (*PERSPECTIVES, "bystander")}
+    m["reward_mean"] = mean(r["reward"] for r in rows)
+    groups = defaultdict(list)
+    for r in rows:
+        if r["reward"] is not None:
+            groups[r["case_id"]].append(r["reward"])
+    stds = [float(np.std(g)) for g in groups.values() if len(g) > 1]
+    m["reward_std_within_group"] = mean(stds)
+    m["frac_zero_std_groups"] = float(np.mean([s < 1e-9 for s in stds])) if stds else None
+    m["format_rate"] = mean(float(r["formatted"]) for r in rows)
+    m["truncation_rate"] = mean(float(r["truncated"]) for r in rows)
+    m["failed_answers"] = sum(r["failed"] for r in rows)
+    judged = [r for r in rows if r["reward"] is not None and r["formatted"]]
+    names = [p for p in (*PERSPECTIVES, "bystander") if all(r[p] is not None for r in judged)]
+    if len(judged) > 2 and names:
+        matrix = np.corrcoef(np.array([[r[p] for p in names] for r in judged]).T)
+        m["perspective_correlation"] = {a: {b: (None if np.isnan(matrix[i, j]) else round(float(matrix[i, j]), 3))
+                                            for j, b in enumerate(names)} for i, a in enumerate(names)}
+    return m
+
+
+def sanity(scorer, cases, tok):
+    rows = [dict({k: v for k, v in c.items() if k != "prompt"}, case_id=c["id"], id=f"{c['id']}#{name}",
+                 completion=text, model=name)
+            for c in cases if c.get("reference") for name, text in battery(c)]
+    if not rows:
+        return [], {}
+    scored = score_rows(scorer, rows, tok)
+    by_case = defaultdict(dict)
+    for r in scored:
+        by_case[r["case_id"]][r["model"]] = r["reward"]
+    firsts, wins = [], defaultdict(list)
+    for rewards in by_case.values():
+        ref = rewards.pop("reference")
+        if ref is None or any(v is None for v in rewards.values()):
+            continue                       # a failed judgment: counted in judge_failures, not guessed
+        firsts.append(all(ref > v for v in rewards.values()))
+        for name, v in rewards.items():
+            wins[name].append(ref > v)
+    metrics = {"sanity_accuracy": mean(firsts), "sanity_cases": len(firsts)}
+    metrics.update({f"sanity_beats_{name}": mean(v) for name, v in wins.items()})
+    return scored, metrics
+
+
+def main():
+    seed_everything(SEED)
+    data_dir, _ = upstream(RUNS_DIR, "data", DATA_TAG)
+    from datasets import load_from_disk
+    from perm.models import load_tokenizer, resolve_model
+    valid = list(load_from_disk(str(data_dir / "dataset"))["valid"])
+    if MAX_CASES:
+        valid = valid[:MAX_CASES]
+    run = StageRun(RUNS_DIR, "reward", TAG, settings, upstream={"data": str(data_dir)})
+
+    policy = None
+    if ANSWERS:
+        try:
+            rows = load_answers(ANSWERS)
+        except RowError as e:
+            sys.exit(f"error: {e}")
+        print(f"[reward] scoring {len(rows)} answers from {ANSWERS}")
+    else:
+        print(f"[reward] sampling {SAMPLES_PER_CASE} answers for each of {len(valid)} valid cases from {settings['MODEL']}")
+        rows, policy = answers_from_policy(valid)
+    tok = policy[1] if policy else load_tokenizer(resolve_model(settings["MODEL"], RUNS_DIR))
+    shared = policy if policy and JUDGE == "local" and JUDGE_MODEL == settings["MODEL"] and INIT == "base" else None
+    judge = make_judge(JUDGE, JUDGE_MODEL, RUNS_DIR, JUDGE_MODE, JUDGE_TEMPERATURE, JUDGE_BASE_URL,
+                       JUDGE_CONCURRENCY, JUDGE_BATCH_SIZE, JUDGE_TIMEOUT, JUDGE_RETRIES, JUDGE_CACHE,
+                       local_model=shared)
+    scorer = PermScorer(judge, RewardSettings.from_settings(settings))
+    scored = score_rows(scorer, rows, tok)
+    metrics = summarize(scored)
+    sanity_rows, sanity_metrics = sanity(scorer, valid, tok) if SANITY else ([], {})
+    scorer.check_failure_rate(final=True)
+    metrics.update(sanity_metrics)
+    metrics.update(judge.stats.as_metrics())
+    metrics["answers"] = len(scored)
+
+    from perm.runs import save_splits
+    save_splits({"train": scored}, run.path / "scored")
+    if sanity_rows:
+        save_splits({"train": sanity_rows}, run.path / "sanity")
+    final = run.finish(metrics)
+    print("\n[reward] summary")
+    for key in ("answers", "format_rate", *(f"{p}_mean" for p in (*PERSPECTIVES, "bystander")), "reward_mean",
+                "reward_std_within_group", "frac_zero_std_groups", "sanity_accuracy", "judge_calls",
+                "judge_failures", "cache_hits"):
+        value = metrics.get(key)
+        print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
+    print(f"[reward] wrote {final}")
+
+
+if __name__ == "__main__":
+    main()

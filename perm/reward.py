@@ -1,0 +1,242 @@
+"""The PERM reward: judge every answer from four sides and combine (METHOD.md section 4).
+
+    R = R_empathy + R_bystander + R_length
+    R_empathy   = COMBINE(resonation, expression, reception) / 5              in [0.2, 1]
+    R_bystander = BYSTANDER_COEF * (bystander / 100 - 1)                      in [-coef, 0]
+    R_length    = -LENGTH_COEF * max(0, completion_tokens - LENGTH_LIMIT)
+
+A format failure (a section missing) gets the floor of every judged term without judge calls; a
+completion with any failed judgment gets None from every reward function, so TRL leaves it out.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from perm.judges import BYSTANDER_CRITERIA, PERSPECTIVES, Judge, build_requests, criterion_to_points
+from perm.prompts import split_sections
+
+COMBINE_MODES = ("harmonic", "mean", "geometric", "weighted")
+EMPATHY_FLOOR = 0.2
+FAILURE_WINDOW = 200   # judgments: large enough that one bad batch cannot trip the stop
+
+
+class JudgeFailureRateExceeded(SystemExit):
+    pass
+
+
+@dataclass
+class RewardSettings:
+    mode: str = "direct"                       # JUDGE_MODE
+    perspectives: tuple = PERSPECTIVES         # drop one for an ablation
+    combine: str = "harmonic"                  # COMBINE
+    weights: dict = field(default_factory=lambda: {p: 1.0 for p in PERSPECTIVES})  # PERSPECTIVE_WEIGHTS
+    bystander_coef: float = 0.5                # BYSTANDER_COEF; 0 turns the bystander off
+    length_limit: int = 768                    # LENGTH_LIMIT (tokens)
+    length_coef: float = 0.001                 # LENGTH_COEF
+    reception_sees_hidden_need: bool = False   # RECEPTION_SEES_HIDDEN_NEED
+    max_failure_rate: float = 0.2              # MAX_JUDGE_FAILURE_RATE
+
+    @classmethod
+    def from_settings(cls, s: dict) -> "RewardSettings":
+        perspectives = tuple(s.get("PERSPECTIVES", PERSPECTIVES))
+        unknown = set(perspectives) - set(PERSPECTIVES)
+        if unknown or not perspectives:
+            raise SystemExit(f"error: PERSPECTIVES={list(perspectives)}; choose from {list(PERSPECTIVES)}")
+        if s.get("COMBINE", "harmonic") not in COMBINE_MODES:
+            raise SystemExit(f"error: COMBINE={s['COMBINE']!r}; choose one of {', '.join(COMBINE_MODES)}")
+        return cls(mode=s["JUDGE_MODE"], perspectives=perspectives, combine=s.get("COMBINE", "harmonic"),
+                   weights=dict(s.get("PERSPECTIVE_WEIGHTS") or {p: 1.0 for p in PERSPECTIVES}),
+                   bystander_coef=s.get("BYSTANDER_COEF", 0.5), length_limit=s.get("LENGTH_LIMIT", 768),
+                   length_coef=s.get("LENGTH_COEF", 0.001),
+                   reception_sees_hidden_need=s.get("RECEPTION_SEES_HIDDEN_NEED", False),
+                   max_failure_rate=s.get("MAX_JUDGE_FAILURE_RATE", 0.2))
+
+
+# ---------------------------------------------------------------- the math
+
+def combine(scores: dict, mode: str, weights: dict | None = None) -> float:
+    """Combine 1-5 perspective scores into one 1-5 score."""
+    values = list(scores.values())
+    if mode == "harmonic":                                   # PERM default
+        return len(values) / sum(1.0 / v for v in values)
+    if mode == "mean":
+        return sum(values) / len(values)
+    if mode == "geometric":
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+    if mode == "weighted":
+        w = {p: (weights or {}).get(p, 0.0) for p in scores}
+        if sum(w.values()) <= 0:
+            raise ValueError("PERSPECTIVE_WEIGHTS must give a positive weight to some perspective")
+        return sum(w[p] * v for p, v in scores.items()) / sum(w.values())
+    raise ValueError(f"unknown COMBINE mode {mode!r}")
+
+
+def empathy_term(scores: dict, mode: str, weights: dict | None = None) -> float:
+    return combine(scores, mode, weights) / 5.0
+
+
+def bystander_term(bystander: float, coef: float) -> float:
+    return coef * (bystander / 100.0 - 1.0)
+
+
+def length_term(completion_tokens: int, limit: int, coef: float) -> float:
+    return -coef * max(0, completion_tokens - limit)
+
+
+# ---------------------------------------------------------------- scoring answers
+
+@dataclass
+class Scored:
+    formatted: bool
+    failed: bool = False
+    scores: dict = field(default_factory=dict)          # perspective -> 1-5
+    bystander: float | None = None                      # 0-100
+    subscores: dict = field(default_factory=dict)       # criterion -> 0-20
+    judge_texts: dict = field(default_factory=dict)     # perspective -> the judge's text
+    empathy: float | None = None
+    bystander_reward: float | None = None
+    length_reward: float = 0.0
+    completion_tokens: int = 0
+
+    @property
+    def reward(self) -> float | None:
+        if self.failed:
+            return None
+        return self.empathy + self.bystander_reward + self.length_reward
+
+
+class PermScorer:
+    """Judges batches of answers and applies the reward math; tracks the judge failure rate."""
+
+    def __init__(self, judge: Judge, settings: RewardSettings):
+        self.judge, self.s = judge, settings
+        self.window = deque(maxlen=FAILURE_WINDOW)
+        self.format_failures = 0
+        self.answers = 0
+
+    def score(self, cases: list[dict], completions: list[str], completion_tokens: list[int],
+              judge_unformatted: bool = False) -> list[Scored]:
+        """Score answers. `judge_unformatted` (evaluation only) judges an answer without sections
+        whole, as both its analysis and its response, instead of giving it the floor."""
+        s = self.s
+        results, plan = [], []
+        for case, text, tokens in zip(cases, completions, completion_tokens):
+            sections = split_sections(text)
+            result = Scored(formatted=sections is not None, completion_tokens=tokens,
+                            length_reward=length_term(tokens, s.length_limit, s.length_coef))
+            results.append(result)
+            if sections is None and not judge_unformatted:
+                result.empathy = EMPATHY_FLOOR                    # PERM: format failure, no judge calls
+                result.bystander_reward = -s.bystander_coef
+                continue
+            analysis, response = sections or (text, text)
+            requests = build_requests(case, analysis, response, s.mode, s.perspectives,
+                                      bystander=s.bystander_coef > 0,
+                                      reception_sees_hidden_need=s.reception_sees_hidden_need,
+                                      bystander_by_criteria=self.judge.backend.bystander_by_criteria)
+            plan.append((result, requests))
+        judgments = self.judge.judge([r for _, reqs in plan for r in reqs])
+        at = 0
+        for result, requests in plan:
+            mine = judgments[at:at + len(requests)]
+            at += len(requests)
+            self.window.extend(j.score is not None for j in mine)
+            self._fill(result, requests, mine)
+        self.answers += len(results)
+        self.format_failures += sum(not r.formatted for r in results)
+        self.check_failure_rate()
+        return results
+
+    def _fill(self, result: Scored, requests, judgments) -> None:
+        s = self.s
+        criteria, n_criterion = {}, 0
+        for request, j in zip(requests, judgments):
+            if request.kind == "criterion":
+                n_criterion += 1
+            if j.score is None:
+                result.failed = True
+                result.judge_texts[request.perspective] = f"[failed: {j.error}] {j.text}".strip()
+                continue
+            if request.kind == "likert":
+                result.scores[request.perspective] = j.score
+                result.judge_texts[request.perspective] = j.text
+            elif request.kind == "bystander":
+                result.bystander, result.subscores = j.score, dict(j.subscores)
+                result.judge_texts["bystander"] = j.text
+            else:                                       # one bystander criterion, 1-5 → 0-20
+                name = BYSTANDER_CRITERIA[n_criterion - 1]
+                criteria[name] = criterion_to_points(j.score)
+                result.judge_texts["bystander"] = (result.judge_texts.get("bystander", "") + f"\n[{name}] {j.text}").strip()
+        if criteria and len(criteria) == len(BYSTANDER_CRITERIA):
+            result.subscores, result.bystander = criteria, sum(criteria.values())
+        if result.failed:
+            return
+        result.empathy = empathy_term(result.scores, s.combine, s.weights)
+        result.bystander_reward = bystander_term(result.bystander, s.bystander_coef) if s.bystander_coef > 0 else 0.0
+
+    def check_failure_rate(self, final: bool = False) -> None:
+        """Stop past MAX_JUDGE_FAILURE_RATE, measured over the last FAILURE_WINDOW judgments (or
+        over all of them at the end of a short run)."""
+        if not self.window or (len(self.window) < FAILURE_WINDOW and not final):
+            return
+        rate = 1 - sum(self.window) / len(self.window)
+        if rate > self.s.max_failure_rate:
+            raise JudgeFailureRateExceeded(
+                f"error: {rate:.0%} of the last {len(self.window)} judgments failed "
+                f"(MAX_JUDGE_FAILURE_RATE={self.s.max_failure_rate}). Check the judge "
+                f"(JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_TIMEOUT) and re-run: successful judgments are cached.")
+
+
+# ---------------------------------------------------------------- TRL reward functions
+
+def completion_text(completion) -> str:
+    """TRL passes conversational completions as [{"role": "assistant", "content": ...}]."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    return completion
+
+
+def make_reward_functions(scorer: PermScorer) -> list:
+    """[empathy_reward, bystander_reward, length_reward] in TRL's shape; one judging pass per batch,
+    shared by the three (the first call judges, the others read the memo)."""
+    memo: dict = {}
+
+    def scored(completions, completion_ids, kwargs) -> list[Scored]:
+        texts = [completion_text(c) for c in completions]
+        ids = kwargs.get("id") or [str(i) for i in range(len(texts))]
+        keys = [(i, t) for i, t in zip(ids, texts)]
+        missing = [k for k in dict.fromkeys(keys) if k not in memo]
+        if missing:
+            if len(memo) > 4096:
+                memo.clear()
+            index = {k: n for n, k in enumerate(keys)}
+            cases = [{f: kwargs[f][index[k]] for f in ("persona", "scenario", "query", "hidden_need") if f in kwargs}
+                     for k in missing]
+            lengths = [len(completion_ids[index[k]]) if completion_ids is not None else 0 for k in missing]
+            for key, result in zip(missing, scorer.score(cases, [k[1] for k in missing], lengths)):
+                memo[key] = result
+        return [memo[k] for k in keys]
+
+    def empathy_reward(prompts=None, completions=None, completion_ids=None, **kwargs):
+        results = scored(completions, completion_ids, kwargs)
+        log_metric = kwargs.get("log_metric")
+        if log_metric:
+            for p in scorer.s.perspectives:
+                values = [r.scores[p] for r in results if p in r.scores]
+                if values:
+                    log_metric(f"perspective/{p}", sum(values) / len(values))
+            values = [r.bystander for r in results if r.bystander is not None]
+            if values:
+                log_metric("perspective/bystander", sum(values) / len(values))
+            log_metric("format_rate", sum(r.formatted for r in results) / len(results))
+        return [None if r.failed else r.empathy for r in results]
+
+    def bystander_reward(prompts=None, completions=None, completion_ids=None, **kwargs):
+        return [None if r.failed else r.bystander_reward for r in scored(completions, completion_ids, kwargs)]
+
+    def length_reward(prompts=None, completions=None, completion_ids=None, **kwargs):
+        return [None if r.failed else r.length_reward for r in scored(completions, completion_ids, kwargs)]
+
+    return [empathy_reward, bystander_reward, length_reward]
