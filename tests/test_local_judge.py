@@ -1,0 +1,40 @@
+"""The local judge scores from digit probabilities, with the tiny and the demo model."""
+import json
+
+import pytest
+
+from conftest import REPO
+from perm.judges import make_judge
+from perm.reward import PermScorer, RewardSettings
+
+CASES = [json.loads(line) for line in (REPO / "data" / "cases.jsonl").read_text().splitlines()[:2]]
+
+
+def scores_with(model, runs_dir, mode):
+    judge = make_judge("local", model, runs_dir, mode, 0.3, batch_size=4, max_reason_tokens=16)
+    scorer = PermScorer(judge, RewardSettings(mode=mode))
+    return scorer.score(CASES, [c["reference"] for c in CASES], [150, 150]), judge
+
+
+@pytest.mark.parametrize("mode", ["direct", "reasoned"])
+def test_tiny_local_judge_scores_from_probabilities(runs_dir, mode):
+    results, judge = scores_with("tiny", runs_dir, mode)
+    for r in results:
+        assert not r.failed and set(r.scores) == {"resonation", "expression", "reception"}
+        assert all(1 <= v <= 5 for v in r.scores.values())
+        assert any(v != round(v) for v in r.scores.values())      # an expectation, not a sampled digit
+        assert 0 <= r.bystander <= 100 and len(r.subscores) == 5
+        assert 0.2 <= r.empathy <= 1 and -0.5 <= r.bystander_reward <= 0
+    assert judge.stats.failures == 0 and judge.stats.calls >= 16
+    if mode == "reasoned":
+        assert all(r.judge_texts["resonation"].rstrip().split("\n")[-1].startswith("Score: ") for r in results)
+    again, judge2 = scores_with("tiny", runs_dir, mode)
+    assert judge2.stats.calls == 0 and [r.scores for r in again] == [r.scores for r in results]  # cached
+
+
+@pytest.mark.slow
+def test_demo_model_as_local_judge(runs_dir):
+    results, judge = scores_with("smollm2-135m", runs_dir, "direct")
+    for r in results:
+        assert all(1 < v < 5 for v in r.scores.values()) and 0 < r.bystander < 100
+    assert judge.stats.failures == 0
