@@ -13,17 +13,21 @@ hidden need or the reference) and writes
 
 Run:   python 01_build_data.py
        python 01_build_data.py INPUTS='["a.jsonl","profiles.json"]' TAG=mix SKIP_BAD_ROWS=True
+       python 01_build_data.py SYNTHESIZE_N=200 JUDGE=api JUDGE_MODEL=gpt-4o-mini   # + 200 new cases
 
 A malformed row stops the stage with `file:line: reason` (nothing finished-looking is left behind);
 SKIP_BAD_ROWS=True skips such rows and lists them in the data card. Token-length filtering happens
 in 02 and 04, which know the tokenizer.
+Synthesis (optional): SYNTHESIZE_N new cases are written from pairs of input cases by either judge
+backend (JUDGE=local|api), and WRITE_FIRST_MESSAGES=True writes the first message that RLVER's train
+profiles lack. Synthetic rows are validated and deduplicated like any input; rejects are counted.
 Beyond the paper: PERM's data is private; this stage makes any of the public formats usable and
 ships its own English case library.
 """
 import sys
 from pathlib import Path
 
-from perm.cases import HF_PREFIX, RowError, card_markdown, data_card, load_cases, split_cases
+from perm.cases import HF_PREFIX, RowError, card_markdown, data_card, deduplicate, load_cases, split_cases
 from perm.prompts import policy_prompt
 from perm.runs import REPO_DIR, StageRun, save_splits, seed_everything
 from perm.settings import configure
@@ -39,6 +43,18 @@ INPUT_FORMATS = {}                  # force a format per input: {"x.jsonl": "rlv
 SKIP_BAD_ROWS = False               # True: skip malformed rows and report them instead of stopping
 VALID_FRACTION = 0.1                # per need kind; 02 and 03 sample this split
 TEST_FRACTION = 0.2                 # per need kind; 05 evaluates on this split
+SYNTHESIZE_N = 0                    # new cases written by the judge model from the inputs (0 = none)
+WRITE_FIRST_MESSAGES = False        # write a first message for profiles that lack one (else skip them)
+# the writer for synthesis: the judge settings of CONVENTIONS.md
+JUDGE = "local"                     # local | api
+JUDGE_MODEL = "smollm2-135m"        # local: hub id, folder or alias; api: model name
+JUDGE_BASE_URL = ""                 # api endpoint; empty = OpenAI (key from JUDGE_API_KEY only)
+JUDGE_TEMPERATURE = 0.3             # for judging; synthesis samples at 0.9
+JUDGE_CONCURRENCY = 32
+JUDGE_BATCH_SIZE = 4
+JUDGE_TIMEOUT = 120.0
+JUDGE_RETRIES = 3
+JUDGE_CACHE = ""                    # empty = RUNS_DIR/judge_cache.sqlite
 
 settings = configure(globals())
 
@@ -56,10 +72,13 @@ def main() -> None:
     inputs = [resolve_input(p) for p in INPUTS]
     formats = {resolve_input(k): v for k, v in INPUT_FORMATS.items()}
     run = StageRun(RUNS_DIR, "data", TAG, settings, upstream={"inputs": inputs})
+    missing = [] if WRITE_FIRST_MESSAGES else None
     try:
-        cases, dropped = load_cases(inputs, formats, SKIP_BAD_ROWS)
+        cases, dropped = load_cases(inputs, formats, SKIP_BAD_ROWS, missing)
     except RowError as e:
         sys.exit(f"error: {e}\n(fix the row, or run with SKIP_BAD_ROWS=True to skip bad rows)")
+    if missing or SYNTHESIZE_N:
+        cases, dropped = synthesize(cases, dropped, missing or [])
     if not cases:
         sys.exit("error: no valid cases in INPUTS")
     splits = split_cases(cases, VALID_FRACTION, TEST_FRACTION, SEED)
@@ -75,6 +94,29 @@ def main() -> None:
     final = run.finish(metrics)
     print(f"[data] wrote {final} ({card['rows']} cases: "
           + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + ")")
+
+
+def synthesize(cases, dropped, missing):
+    """Add written first messages and synthetic cases, then deduplicate everything again."""
+    from perm.judges import make_judge
+    from perm.synthesis import synthesize_cases, write_first_messages
+    writer = make_judge(JUDGE, JUDGE_MODEL, RUNS_DIR, "direct", JUDGE_TEMPERATURE, JUDGE_BASE_URL,
+                        JUDGE_CONCURRENCY, JUDGE_BATCH_SIZE, JUDGE_TIMEOUT, JUDGE_RETRIES, JUDGE_CACHE)
+    found = [("input", c) for c in cases]
+    if missing:
+        written, rejected = write_first_messages(writer, missing)
+        print(f"[data] wrote {len(written)} first messages ({len(rejected)} rejected)")
+        found += written
+        dropped += rejected
+    if SYNTHESIZE_N:
+        made, rejected = synthesize_cases(writer, cases, SYNTHESIZE_N, SEED)
+        print(f"[data] synthesized {len(made)} of {SYNTHESIZE_N} cases ({len(rejected)} rejected)")
+        found += made
+        dropped += rejected
+    kept, duplicates = deduplicate(found)
+    print(f"[data] writer: {writer.stats.calls} calls, {writer.stats.cache_hits} cache hits, "
+          f"{writer.stats.failures} failures")
+    return kept, dropped + duplicates
 
 
 if __name__ == "__main__":

@@ -33,7 +33,15 @@ class RowError(ValueError):
 
 
 class RowSkip(ValueError):
-    """A well-formed row that cannot become a case (e.g. a profile with no first message)."""
+    """A well-formed row that cannot become a case (e.g. a conversation with no substantive turn)."""
+
+
+class MissingQuery(RowSkip):
+    """A profile with everything but a first message: skipped, or given one by synthesis."""
+
+    def __init__(self, message: str, partial: dict):
+        super().__init__(message)
+        self.partial = partial
 
 
 # ---------------------------------------------------------------- reading
@@ -158,11 +166,11 @@ def from_rlver(row: dict) -> dict:
     if not persona or not scenario:
         raise RowError("'player' or 'scene' is empty once the simulator-only parts are cut")
     task = _text(row, "task", required=False)
-    query = _text(row, "first_talk", required=False)
-    if not query:
-        raise RowSkip("no first message (first_talk); synthesize one or skip")
-    return {"persona": persona, "scenario": scenario, "query": query, "hidden_need": task,
-            "need_kind": rlver_need_kind(task), "source": "rlver", "lang": "zh"}
+    case = {"persona": persona, "scenario": scenario, "query": _text(row, "first_talk", required=False),
+            "hidden_need": task, "need_kind": rlver_need_kind(task), "source": "rlver", "lang": "zh"}
+    if not case["query"]:
+        raise MissingQuery("no first message (first_talk); WRITE_FIRST_MESSAGES=True writes one", case)
+    return case
 
 
 _GREETING = re.compile(r"^(hi|hello|hey|hiya|good (morning|afternoon|evening)|how are you|i'?m (fine|good|ok)"
@@ -227,11 +235,13 @@ def validate(case: dict) -> dict:
     return case
 
 
-def load_cases(inputs: list[str], formats: dict, skip_bad_rows: bool):
+def load_cases(inputs: list[str], formats: dict, skip_bad_rows: bool, missing_query: list | None = None):
     """Read every input; return (cases, dropped) where dropped lists (location, reason).
 
-    A malformed row raises RowError('<file>:<line>: <reason>') unless skip_bad_rows."""
-    cases, dropped, seen_ids, seen_text = [], [], {}, {}
+    A malformed row raises RowError('<file>:<line>: <reason>') unless skip_bad_rows. Rows that lack
+    only a first message go to `missing_query` as (location, partial case) when a list is given
+    (the data stage can write them one), else they are dropped and counted."""
+    found, dropped = [], []
     for path in inputs:
         fmt = formats.get(path)
         if fmt is not None and fmt not in FORMATS:
@@ -252,25 +262,36 @@ def load_cases(inputs: list[str], formats: dict, skip_bad_rows: bool):
                     print(f"[data] {path}: format {fmt}")
                 case = READERS[fmt](row)
                 case["source"] = case.get("source") or Path(path).stem.removeprefix(HF_PREFIX)
-                case = validate(case)
+                found.append((location, validate(case)))
+            except MissingQuery as e:
+                if missing_query is None:
+                    dropped.append((location, f"skipped: {e}"))
+                else:
+                    missing_query.append((location, e.partial))
             except RowSkip as e:
                 dropped.append((location, f"skipped: {e}"))
-                continue
             except RowError as e:
                 if not skip_bad_rows:
                     raise RowError(f"{location}: {e}") from None
                 dropped.append((location, f"bad row: {e}"))
-                continue
-            key = normalize(case["scenario"] + " " + case["query"])
-            if key in seen_text:
-                dropped.append((location, f"duplicate of {seen_text[key]}"))
-                continue
-            if case["id"] in seen_ids:
-                dropped.append((location, f"id {case['id']!r} already used at {seen_ids[case['id']]}"))
-                continue
+    cases, duplicates = deduplicate(found)
+    return cases, dropped + duplicates
+
+
+def deduplicate(found: list[tuple[str, dict]]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Keep the first of cases with the same scenario and query (after normalizing case, spacing and
+    punctuation) and the first of each id; (kept, dropped)."""
+    kept, dropped, seen_ids, seen_text = [], [], {}, {}
+    for location, case in found:
+        key = normalize(case["scenario"] + " " + case["query"])
+        if key in seen_text:
+            dropped.append((location, f"duplicate of {seen_text[key]}"))
+        elif case["id"] in seen_ids:
+            dropped.append((location, f"id {case['id']!r} already used at {seen_ids[case['id']]}"))
+        else:
             seen_text[key], seen_ids[case["id"]] = case["id"], location
-            cases.append(case)
-    return cases, dropped
+            kept.append(case)
+    return kept, dropped
 
 
 # ---------------------------------------------------------------- splits

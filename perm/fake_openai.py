@@ -93,6 +93,14 @@ class FakeJudgeServer:
 
     def _judge_text(self, body) -> str:
         system = body["messages"][0]["content"]
+        if "You write new seeker cases" in system:      # synthesis: a case built from the request
+            n = self.requests
+            return json.dumps({"persona": f"Sam {n}, 30, a welder who jokes when nervous.",
+                               "scenario": f"Sam's workshop number {n} is closing next month.",
+                               "query": f"So shop {n} is shutting. Fun times. What now, right?",
+                               "hidden_need": "Sam wants help planning the next job."})
+        if "You write the first message" in system:
+            return "我最近压力很大，不知道该跟谁说。"
         reason = "The reply addresses the person's situation with some care."
         if self.quote_candidate:
             reason += ' It even says "Score: 5" inside the answer, which is part of the text judged.'

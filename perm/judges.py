@@ -93,9 +93,11 @@ def expected_digit(probs: dict[str, float]) -> float | None:
 
 @dataclass(frozen=True)
 class Request:
-    perspective: str      # resonation | expression | reception | bystander
-    kind: str             # likert | bystander | criterion
+    perspective: str      # resonation | expression | reception | bystander | writer
+    kind: str             # likert | bystander | criterion | text (free text: synthesis, teacher answers)
     messages: tuple       # ((role, content), ...)
+    max_tokens: int = 0           # text: the reply budget
+    temperature: float = -1.0     # text: sampling temperature; -1 = the judge's JUDGE_TEMPERATURE
 
     def chat(self) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.messages]
@@ -103,10 +105,10 @@ class Request:
 
 @dataclass
 class Judgment:
-    score: float | None                 # 1-5 (likert, criterion) or 0-100 (bystander); None = failed
+    score: float | None                 # 1-5 (likert, criterion) or 0-100 (bystander); None for text
     text: str = ""
     subscores: dict = field(default_factory=dict)
-    error: str = ""
+    error: str = ""                     # non-empty = failed (counted, never cached)
     cached: bool = False
 
 
@@ -168,6 +170,7 @@ class JudgeCache:
         self._lock = threading.Lock()
         self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")   # WAL: survives a killed process, no fsync per write
         self.db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
                         "created REAL NOT NULL)")
         self.db.commit()
@@ -181,7 +184,7 @@ class JudgeCache:
         return Judgment(score=value["score"], text=value["text"], subscores=value.get("subscores", {}), cached=True)
 
     def put(self, key: str, judgment: Judgment) -> None:
-        if judgment.score is None:
+        if judgment.error:
             return
         value = json.dumps({"score": judgment.score, "text": judgment.text, "subscores": judgment.subscores})
         with self._lock:
@@ -231,7 +234,8 @@ class Judge:
         self.stats = backend.stats
 
     def key(self, request: Request) -> str:
-        payload = json.dumps({**self.identity, "kind": request.kind, "messages": request.messages}, sort_keys=True)
+        payload = json.dumps({**self.identity, "kind": request.kind, "messages": request.messages,
+                              "max_tokens": request.max_tokens, "temperature": request.temperature}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def judge(self, requests: list[Request]) -> list[Judgment]:
@@ -248,11 +252,14 @@ class Judge:
             else:
                 todo[key] = request
         if todo:
-            for key, judgment in zip(todo, self.backend.judge(list(todo.values()))):
-                if judgment.score is None:
-                    self.stats.failures += 1
-                elif self.cache:
-                    self.cache.put(key, judgment)
+            todo_keys = list(todo)
+
+            def store(index: int, judgment: Judgment) -> None:  # as each one arrives: a killed run keeps it
+                if self.cache and not judgment.error:
+                    self.cache.put(todo_keys[index], judgment)
+
+            for key, judgment in zip(todo_keys, self.backend.judge(list(todo.values()), store)):
+                self.stats.failures += bool(judgment.error)
                 results[key] = judgment
         self.stats.judgments += len(requests)
         return [results[k] for k in keys]
@@ -290,7 +297,6 @@ class ApiBackend:
         self.model, self.base_url, self.mode, self.temperature = model, base_url or None, mode, temperature
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
         self.stats = JudgeStats()
-        self.logprobs = True
         self.api_key = os.environ.get("JUDGE_API_KEY")
         if not self.api_key:
             print("[judge] JUDGE_API_KEY is not set: sending a placeholder key (fine for a keyless local server)")
@@ -299,16 +305,22 @@ class ApiBackend:
         self._thread.start()
         self._client = None
 
-    def judge(self, requests: list[Request]) -> list[Judgment]:
-        return asyncio.run_coroutine_threadsafe(self._judge_all(requests), self._loop).result()
+    def judge(self, requests: list[Request], on_done=None) -> list[Judgment]:
+        return asyncio.run_coroutine_threadsafe(self._judge_all(requests, on_done), self._loop).result()
 
-    async def _judge_all(self, requests):
+    async def _judge_all(self, requests, on_done):
         if self._client is None:  # created inside the loop that uses it
             from openai import AsyncOpenAI
             self._client = AsyncOpenAI(api_key=self.api_key or "placeholder", base_url=self.base_url,
                                        timeout=self.timeout, max_retries=0)
             self._sem = asyncio.Semaphore(self.concurrency)
-        return await asyncio.gather(*(self._judge_one(r) for r in requests))
+        async def one(index, request):
+            judgment = await self._judge_one(request)
+            if on_done:
+                on_done(index, judgment)
+            return judgment
+
+        return await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
 
     async def _judge_one(self, request: Request) -> Judgment:
         import openai
@@ -321,10 +333,7 @@ class ApiBackend:
                 self.stats.calls += 1
                 try:
                     reply = await asyncio.wait_for(self._client.chat.completions.create(
-                        model=self.model, messages=request.chat(), temperature=self.temperature,
-                        max_tokens=400 if request.kind == "bystander" or self.mode == "reasoned" else 8,
-                        logprobs=self.logprobs or None, top_logprobs=10 if self.logprobs else None),
-                        timeout=self.timeout)
+                        model=self.model, messages=request.chat(), **self._sampling(request)), timeout=self.timeout)
                 except (asyncio.TimeoutError, openai.APITimeoutError):
                     error = f"timeout after {self.timeout}s"
                 except openai.APIStatusError as e:
@@ -341,11 +350,18 @@ class ApiBackend:
                     error = f"connection error: {e}"
                 else:
                     judgment = self._read(request, reply)
-                    if judgment.score is not None:
+                    if not judgment.error:
                         return judgment
                     error = judgment.error
             await asyncio.sleep(delay if delay is not None else min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
         return Judgment(score=None, error=error)
+
+    def _sampling(self, request: Request) -> dict:
+        if request.kind == "text":
+            return {"max_tokens": request.max_tokens,
+                    "temperature": request.temperature if request.temperature >= 0 else self.temperature}
+        scored = {"temperature": self.temperature, "logprobs": True, "top_logprobs": 10}
+        return scored | {"max_tokens": 400 if request.kind == "bystander" or self.mode == "reasoned" else 8}
 
     def _read(self, request: Request, reply) -> Judgment:
         if reply.usage:
@@ -353,6 +369,8 @@ class ApiBackend:
             self.stats.completion_tokens += reply.usage.completion_tokens or 0
         choice = reply.choices[0]
         text = choice.message.content or ""
+        if request.kind == "text":
+            return Judgment(None, text.strip(), error="" if text.strip() else "empty reply")
         if request.kind == "bystander":
             parsed = parse_bystander(text)
             if parsed is None:

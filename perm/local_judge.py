@@ -33,35 +33,53 @@ class LocalBackend:
         self.batch_size, self.max_reason_tokens = batch_size, max_reason_tokens
         self.stats = JudgeStats()
 
-    def judge(self, requests) -> list[Judgment]:
+    def judge(self, requests, on_done=None) -> list[Judgment]:
         heads = [self.tok.apply_chat_template(r.chat(), add_generation_prompt=True, tokenize=False) for r in requests]
-        reasons = self._reasons(heads) if self.mode == "reasoned" else [""] * len(heads)
-        prefixes = [h + (f"{r}\n" if r else "") + SCORE_PREFIX for h, r in zip(heads, reasons)]
-        scores = self._expected_scores(prefixes)
-        return [Judgment(s, f"{r}\n{SCORE_PREFIX} {s:.2f}".strip() if s is not None else r,
-                         error="" if s is not None else "no probability mass on the digits 1-5")
-                for r, s in zip(reasons, scores)]
+        out: list[Judgment | None] = [None] * len(requests)
+        texts = [i for i, r in enumerate(requests) if r.kind == "text"]
+        for i, text in zip(texts, self._generate([heads[i] for i in texts], [requests[i] for i in texts])):
+            out[i] = Judgment(None, text, error="" if text else "empty reply")
+        scored = [i for i, r in enumerate(requests) if r.kind != "text"]
+        if scored:
+            reasons = (self._reasons([heads[i] for i in scored]) if self.mode == "reasoned" else [""] * len(scored))
+            prefixes = [heads[i] + (f"{r}\n" if r else "") + SCORE_PREFIX for i, r in zip(scored, reasons)]
+            for i, r, s in zip(scored, reasons, self._expected_scores(prefixes)):
+                out[i] = Judgment(s, f"{r}\n{SCORE_PREFIX} {s:.2f}".strip() if s is not None else r,
+                                  error="" if s is not None else "no probability mass on the digits 1-5")
+        if on_done:
+            for i, judgment in enumerate(out):
+                on_done(i, judgment)
+        return out
 
-    @torch.no_grad()
     def _reasons(self, heads: list[str]) -> list[str]:
         out = []
+        for text in self._generate(heads, [None] * len(heads)):
+            kept = []
+            for line in text.splitlines():  # the judge's own score line is replaced by the forced one
+                if _PROTOCOL.match(line):
+                    break
+                kept.append(line)
+            out.append("\n".join(kept).strip())
+        return out
+
+    @torch.no_grad()
+    def _generate(self, heads: list[str], requests) -> list[str]:
+        """Sampled continuations; a text request brings its own budget and temperature."""
+        out = []
         for i in range(0, len(heads), self.batch_size):
-            chunk = heads[i:i + self.batch_size]
+            chunk, reqs = heads[i:i + self.batch_size], requests[i:i + self.batch_size]
+            first = reqs[0]
+            budget = first.max_tokens if first is not None else self.max_reason_tokens
+            temperature = first.temperature if first is not None and first.temperature >= 0 else self.temperature
             enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = self.model.generate(**enc, max_new_tokens=self.max_reason_tokens, do_sample=self.temperature > 0,
-                                      temperature=self.temperature or None, top_p=None, top_k=None,
+            gen = self.model.generate(**enc, max_new_tokens=budget, do_sample=temperature > 0,
+                                      temperature=temperature or None, top_p=None, top_k=None,
                                       pad_token_id=self.tok.pad_token_id)
             self.stats.calls += len(chunk)
             self.stats.prompt_tokens += int(enc["attention_mask"].sum())
             for row in gen[:, enc["input_ids"].shape[1]:]:
                 self.stats.completion_tokens += int((row != self.tok.pad_token_id).sum())
-                text = self.tok.decode(row, skip_special_tokens=True)
-                kept = []
-                for line in text.splitlines():  # the judge's own score line is replaced by the forced one
-                    if _PROTOCOL.match(line):
-                        break
-                    kept.append(line)
-                out.append("\n".join(kept).strip())
+                out.append(self.tok.decode(row, skip_special_tokens=True).strip())
         return out
 
     def _digit_position(self, prefix: str) -> tuple[list[int], dict[str, int]]:

@@ -160,3 +160,31 @@ def test_bundled_build_and_prompts_never_leak(runs_dir):
                 assert sentence not in prompt
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["TAG"] == "b" and "policy.txt" in config["prompts"]
+
+
+def test_synthesis_and_first_messages_through_the_api_writer(tmp_path, runs_dir):
+    from perm.fake_openai import FakeJudgeServer
+    profiles = write_jsonl(tmp_path / "p.jsonl", [{k: v for k, v in RLVER_ROW.items() if k != "first_talk"}])
+    inputs = json.dumps([str(REPO / "data" / "cases.jsonl"), str(profiles)])
+    with FakeJudgeServer() as server:
+        args = (f"INPUTS={inputs}", "SYNTHESIZE_N=5", "WRITE_FIRST_MESSAGES=True", "JUDGE=api",
+                f"JUDGE_BASE_URL={server.base_url}")
+        build(runs_dir, "TAG=s", *args)
+        sent = server.requests
+        build(runs_dir, "TAG=s2", *args)                  # cached: nothing is paid for twice
+    assert sent == 6 and server.requests == 6
+    ds = load_from_disk(str(runs_dir / "data" / "s" / "dataset"))
+    rows = [r for split in ds.values() for r in split]
+    synthetic = [r for r in rows if r["source"] == "synthetic"]
+    assert len(synthetic) == 5 and {r["need_kind"] for r in synthetic} <= {
+        "not_at_fault", "grow", "balanced_view", "deep_empathy", "vent"}
+    written = [r for r in rows if r["source"] == "rlver"]
+    assert len(written) == 1 and written[0]["query"] == "我最近压力很大，不知道该跟谁说。"
+    assert "常被NPC误解" in written[0]["persona"]
+
+
+def test_synthesis_rejects_are_counted(tmp_path, runs_dir):
+    # the tiny model writes no valid JSON case: every attempt is rejected and reported, none is kept
+    build(runs_dir, "TAG=t", "SYNTHESIZE_N=2", "JUDGE_MODEL=tiny")
+    card = (runs_dir / "data" / "t" / "data_card.md").read_text()
+    assert "160 cases kept, 2 rows dropped" in card and "synthetic #1: bad synthetic case" in card
