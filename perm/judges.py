@@ -267,14 +267,17 @@ class Judge:
 
 def make_judge(backend: str, model: str, runs_dir, mode: str, temperature: float, base_url: str = "",
                concurrency: int = 16, batch_size: int = 8, timeout: float = 60.0, retries: int = 3,
-               cache_path: str = "", max_reason_tokens: int = 96, local_model=None) -> Judge:
-    """A cached judge from the JUDGE* settings. `local_model` reuses an already loaded (model, tok)."""
+               cache_path: str = "", max_reason_tokens: int = 96, local_model=None, context=None) -> Judge:
+    """A cached judge from the JUDGE* settings. `local_model` reuses an already loaded (model, tok)
+    of `model`; `context` wraps its judging (e.g. a policy's disable_adapter)."""
     if backend == "local":
+        from perm import USE_UNSLOTH
         from perm.local_judge import LocalBackend
         from perm.models import resolve_model
         path = resolve_model(model, runs_dir)
-        impl = LocalBackend(path, mode, temperature, batch_size, max_reason_tokens, local_model)
+        impl = LocalBackend(path, mode, temperature, batch_size, max_reason_tokens, local_model, context)
         identity = {"backend": "local", "model": folder_fingerprint(path), "mode": mode,
+                    "4bit": bool(local_model and USE_UNSLOTH),
                     "temperature": temperature if mode == "reasoned" else 0.0, "max_reason_tokens": max_reason_tokens}
     elif backend == "api":
         impl = ApiBackend(model, base_url, mode, temperature, concurrency, timeout, retries)

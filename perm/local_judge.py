@@ -10,6 +10,7 @@ to 0-20): multi-digit totals are not one token.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -23,7 +24,7 @@ class LocalBackend:
     bystander_by_criteria = True
 
     def __init__(self, path: str, mode: str, temperature: float, batch_size: int, max_reason_tokens: int,
-                 loaded=None):
+                 loaded=None, context=None):
         if loaded is None:
             from perm.models import load_tokenizer
             from transformers import AutoModelForCausalLM
@@ -32,8 +33,13 @@ class LocalBackend:
         self.mode, self.temperature = mode, temperature
         self.batch_size, self.max_reason_tokens = batch_size, max_reason_tokens
         self.stats = JudgeStats()
+        self.context = context or contextlib.nullcontext   # e.g. a policy's disable_adapter
 
     def judge(self, requests, on_done=None) -> list[Judgment]:
+        with self.context():
+            return self._judge(requests, on_done)
+
+    def _judge(self, requests, on_done) -> list[Judgment]:
         heads = [self.tok.apply_chat_template(r.chat(), add_generation_prompt=True, tokenize=False) for r in requests]
         out: list[Judgment | None] = [None] * len(requests)
         texts = [i for i, r in enumerate(requests) if r.kind == "text"]

@@ -110,8 +110,10 @@ class Scored:
 class PermScorer:
     """Judges batches of answers and applies the reward math; tracks the judge failure rate."""
 
-    def __init__(self, judge: Judge, settings: RewardSettings):
-        self.judge, self.s = judge, settings
+    def __init__(self, judge: Judge, settings: RewardSettings, auto_check: bool = True):
+        """`auto_check=False` leaves the failure-rate stop to the caller (04 reduces it across processes)."""
+        self.judge, self.s, self.auto_check = judge, settings, auto_check
+        self.last: list[tuple[str, Scored]] = []              # the latest batch, for logging samples
         self.window = deque(maxlen=FAILURE_WINDOW)
         self.format_failures = 0
         self.answers = 0
@@ -146,7 +148,9 @@ class PermScorer:
             self._fill(result, requests, mine)
         self.answers += len(results)
         self.format_failures += sum(not r.formatted for r in results)
-        self.check_failure_rate()
+        self.last = list(zip(completions, results))
+        if self.auto_check:
+            self.check_failure_rate()
         return results
 
     def _fill(self, result: Scored, requests, judgments) -> None:
@@ -179,12 +183,15 @@ class PermScorer:
     def check_failure_rate(self, final: bool = False) -> None:
         """Stop past MAX_JUDGE_FAILURE_RATE, measured over the last FAILURE_WINDOW judgments (or
         over all of them at the end of a short run)."""
-        if not self.window or (len(self.window) < FAILURE_WINDOW and not final):
-            return
-        rate = 1 - sum(self.window) / len(self.window)
-        if rate > self.s.max_failure_rate:
-            raise JudgeFailureRateExceeded(
-                f"error: {rate:.0%} of the last {len(self.window)} judgments failed "
+        failed, seen = self.window_counts()
+        if failed > self.s.max_failure_rate * seen and (seen >= FAILURE_WINDOW or (final and seen)):
+            raise JudgeFailureRateExceeded(self.failure_message(failed, seen))
+
+    def window_counts(self) -> tuple[int, int]:
+        return len(self.window) - sum(self.window), len(self.window)
+
+    def failure_message(self, failed: int, seen: int) -> str:
+        return (f"error: {failed / seen:.0%} of the last {seen} judgments failed "
                 f"(MAX_JUDGE_FAILURE_RATE={self.s.max_failure_rate}). Check the judge "
                 f"(JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_TIMEOUT) and re-run: successful judgments are cached.")
 

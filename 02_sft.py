@@ -1,0 +1,159 @@
+"""Stage 02: warm-up SFT, so a small policy learns PERM's two-section answer before RL.
+
+Reads the train split of runs/data/<DATA_TAG>/ and trains a LoRA adapter on prompt/completion
+pairs in the policy format, from SFT_SOURCE:
+  references    the cases' own reference answers (the offline default)
+  teacher       answers written by a judge backend (JUDGE=local|api), cached like every judge call;
+                answers without both sections are dropped and counted
+  <path.jsonl>  an answers file (answers format, README)
+Examples longer than MAX_SEQ_LENGTH tokens are dropped and counted. The loss covers the answer
+only, end-of-turn token included, so the model learns to stop. Afterwards it samples the valid
+split with the base model and with the SFT model and records base_format_rate, sft_format_rate and
+truncation_rate.
+
+Writes runs/sft/<TAG>/: adapter/ (LoRA weights + tokenizer), config.json, metrics.json.
+
+Run:   python 02_sft.py                     # PRESET=auto (CPU: the demo model, a few minutes)
+       python 02_sft.py SFT_SOURCE=teacher JUDGE=api JUDGE_MODEL=gpt-4o-mini TAG=teacher
+
+Beyond the paper: PERM starts GRPO from an instruct model; a small model first needs to learn the
+answer format, which SFT teaches in minutes (on CPU: a handful of steps).
+Presets, with expected peak GPU memory: gpu16 = Qwen2.5-1.5B-Instruct in 4-bit, LoRA r16, 1024
+tokens, batch 4 x 4 (about 6 GB; fits a T4); gpu24 = Qwen2.5-7B-Instruct in 4-bit, batch 2 x 8
+(about 14 GB). LoRA learns at 1e-4..2e-4, far above a full fine-tune's rate.
+"""
+import sys
+
+from perm import USE_UNSLOTH
+from perm.cases import RowError, load_answers
+from perm.prompts import policy_prompt, split_sections
+from perm.runs import StageRun, inherit, seed_everything, upstream
+from perm.settings import configure, explicit_keys
+
+# ---------------------------------------------------------------- settings
+RUNS_DIR = "runs"
+TAG = "default"
+SEED = 1234
+SMOKE = False
+PRESET = "auto"
+DATA_TAG = "default"
+MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # policy base: hub id, folder, or alias (tiny, smollm2-135m)
+SFT_SOURCE = "references"      # references | teacher | path to an answers JSONL
+MAX_SEQ_LENGTH = 1024          # prompt + answer tokens; longer examples are dropped (lower if OOM)
+EPOCHS = 2.0
+MAX_STEPS = 0                  # > 0 overrides EPOCHS
+LR = 2e-4                      # LoRA rate; a full fine-tune would use ~1e-5
+BATCH_SIZE = 4                 # examples per device step (lower if OOM)
+GRAD_ACCUM = 4
+LORA_R = 16
+LORA_ALPHA = 32
+EVAL_CASES = 16                # valid cases sampled for the format rates (0 = all)
+MAX_NEW_TOKENS = 512           # answer budget when sampling; past it an answer counts as truncated
+# teacher (SFT_SOURCE=teacher): the judge settings of CONVENTIONS.md
+JUDGE = "local"
+JUDGE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+JUDGE_BASE_URL = ""
+JUDGE_TEMPERATURE = 0.7        # the teacher writes answers: some variety
+JUDGE_CONCURRENCY = 32
+JUDGE_BATCH_SIZE = 4
+JUDGE_TIMEOUT = 120.0
+JUDGE_RETRIES = 3
+JUDGE_CACHE = ""
+
+PRESETS = {
+    # CPU: budgeted from measured timings (LoRA ~8 ms/token on 2 cores; ~600-token examples)
+    "cpu": {"MODEL": "smollm2-135m", "MAX_SEQ_LENGTH": 768, "MAX_STEPS": 30, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
+            "LR": 5e-4, "EVAL_CASES": 8, "MAX_NEW_TOKENS": 320, "JUDGE_MODEL": "smollm2-135m"},
+    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "BATCH_SIZE": 4, "GRAD_ACCUM": 4},
+    "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "BATCH_SIZE": 2, "GRAD_ACCUM": 8, "MAX_SEQ_LENGTH": 1536},
+    "smoke": {"MODEL": "tiny", "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "EVAL_CASES": 4,
+              "MAX_NEW_TOKENS": 48, "JUDGE_MODEL": "tiny"},
+}
+settings = configure(globals(), PRESETS)
+
+
+def examples_from_source(train, tok):
+    """(prompt, completion) chat pairs from SFT_SOURCE; returns (examples, dropped reasons)."""
+    dropped = {}
+    if SFT_SOURCE == "references":
+        pairs = [(c["prompt"], c["reference"]) for c in train if c["reference"]]
+        dropped["no reference"] = len(train) - len(pairs)
+    elif SFT_SOURCE == "teacher":
+        from perm.judges import Request, _freeze, make_judge
+        teacher = make_judge(JUDGE, JUDGE_MODEL, RUNS_DIR, "direct", JUDGE_TEMPERATURE, JUDGE_BASE_URL,
+                             JUDGE_CONCURRENCY, JUDGE_BATCH_SIZE, JUDGE_TIMEOUT, JUDGE_RETRIES, JUDGE_CACHE)
+        requests = [Request("teacher", "text", _freeze(c["prompt"]), MAX_NEW_TOKENS, JUDGE_TEMPERATURE) for c in train]
+        answers = teacher.judge(requests)
+        pairs = [(c["prompt"], a.text) for c, a in zip(train, answers) if not a.error and split_sections(a.text)]
+        dropped["teacher failed"] = sum(bool(a.error) for a in answers)
+        dropped["teacher answer not in format"] = len(train) - len(pairs) - dropped["teacher failed"]
+        print(f"[sft] teacher: {teacher.stats.calls} calls, {teacher.stats.cache_hits} cache hits, "
+              f"{teacher.stats.failures} failures")
+    else:
+        try:
+            rows = load_answers(SFT_SOURCE)
+        except RowError as e:
+            sys.exit(f"error: {e}")
+        pairs = [(policy_prompt(r), r["completion"]) for r in rows if split_sections(r["completion"])]
+        dropped["answer not in format"] = len(rows) - len(pairs)
+    examples = []
+    for prompt, answer in pairs:
+        messages = prompt + [{"role": "assistant", "content": answer}]
+        if len(tok.apply_chat_template(messages, tokenize=True)) > MAX_SEQ_LENGTH:
+            dropped["over MAX_SEQ_LENGTH"] = dropped.get("over MAX_SEQ_LENGTH", 0) + 1
+            continue
+        examples.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]})
+    return examples, {k: v for k, v in dropped.items() if v}
+
+
+def format_rates(model, tok, cases):
+    """(format rate, truncation rate) of one sampled answer per case."""
+    from perm.generation import sample_answers
+    samples = sample_answers(model, tok, [c["prompt"] for c in cases], 1, MAX_NEW_TOKENS, 0.7, seed=SEED)
+    answers = [group[0] for group in samples]
+    return (sum(split_sections(a["text"]) is not None for a in answers) / len(answers),
+            sum(a["truncated"] for a in answers) / len(answers), answers)
+
+
+def main():
+    seed_everything(SEED)
+    data_dir, data_config = upstream(RUNS_DIR, "data", DATA_TAG)
+    from datasets import Dataset, load_from_disk
+    from trl import SFTTrainer
+    from perm.training import Timer, load_policy, peak_memory_gb, sft_config
+
+    splits = load_from_disk(str(data_dir / "dataset"))
+    run = StageRun(RUNS_DIR, "sft", TAG, settings, upstream={"data": str(data_dir)})
+    timer = Timer()
+    model, tok = load_policy(MODEL, RUNS_DIR, MAX_SEQ_LENGTH, LORA_R, LORA_ALPHA, SEED)
+    examples, dropped = examples_from_source(list(splits["train"]), tok)
+    if not examples:
+        sys.exit(f"error: no SFT examples left from SFT_SOURCE={SFT_SOURCE!r} (dropped: {dropped})")
+    print(f"[sft] {len(examples)} examples; dropped {dropped or 'none'}; "
+          f"path {'unsloth 4-bit' if USE_UNSLOTH else 'transformers + peft'}")
+    trainer = SFTTrainer(model=model, args=sft_config(settings, str(run.path / "checkpoints")),
+                         train_dataset=Dataset.from_list(examples), processing_class=tok)
+    result = trainer.train()
+    trainer.model.save_pretrained(run.path / "adapter")
+    tok.save_pretrained(run.path / "adapter")
+
+    valid = list(splits["valid"])[:EVAL_CASES or None]
+    model = trainer.model.eval()
+    with model.disable_adapter():
+        base_rate, _, _ = format_rates(model, tok, valid)
+    sft_rate, truncation, answers = format_rates(model, tok, valid)
+    print(f"[sft] an SFT answer:\n{answers[0]['text'][:600]}\n")
+    metrics = {"base_format_rate": base_rate, "sft_format_rate": sft_rate, "truncation_rate": truncation,
+               "train_loss": result.training_loss, "steps": result.global_step, "examples": len(examples),
+               "dropped": dropped, "eval_cases": len(valid), "peak_memory_gb": peak_memory_gb(),
+               "train_seconds": timer.seconds()}
+    final = run.finish(metrics)
+    print("\n[sft] summary")
+    for key in ("examples", "steps", "train_loss", "base_format_rate", "sft_format_rate", "truncation_rate",
+                "peak_memory_gb", "train_seconds"):
+        print(f"  {key:<18} {metrics[key]}")
+    print(f"[sft] wrote {final}")
+
+
+if __name__ == "__main__":
+    main()
