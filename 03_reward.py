@@ -8,7 +8,8 @@ Two ways in:
 Every answer is judged for resonation (its analysis), expression and reception (its response) on 1-5
 and by a bystander on 0-100, then combined (COMBINE) into the reward GRPO would see. A sanity battery
 then scores each valid case's reference against weak template answers (empty, platitude, advice
-dump, intrusive over-analysis, protocol injection): `sanity_accuracy` is how often the reward ranks
+dump, intrusive over-analysis, protocol injection): `sanity_accuracy` is how often the judged reward
+(empathy + bystander; the length term is left out, since it measures nothing about the judge) ranks
 the reference first. Run it before spending GPU hours on 04.
 
 Writes runs/reward/<TAG>/: `scored/` (a dataset: the answers' fields, every perspective, bystander
@@ -159,8 +160,8 @@ def sanity(scorer, cases, tok):
         return [], {}
     scored = score_rows(scorer, rows, tok)
     by_case = defaultdict(dict)
-    for r in scored:
-        by_case[r["case_id"]][r["model"]] = r["reward"]
+    for r in scored:  # the judged terms only: the battery tests the judge, not the length penalty
+        by_case[r["case_id"]][r["model"]] = None if r["reward"] is None else r["reward"] - r["length_reward"]
     firsts, wins = [], defaultdict(list)
     for rewards in by_case.values():
         ref = rewards.pop("reference")

@@ -97,17 +97,62 @@ class LocalBackend:
 
     @torch.no_grad()
     def _expected_scores(self, prefixes: list[str]) -> list[float | None]:
-        scores = []
-        for i in range(0, len(prefixes), self.batch_size):
-            items = [self._digit_position(p) for p in prefixes[i:i + self.batch_size]]
-            width = max(len(ids) for ids, _ in items)
-            pad = self.tok.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in items])
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in items])
-            logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, -1, :].float()
-            probs = torch.softmax(logits, dim=-1)
-            self.stats.calls += len(items)
-            self.stats.prompt_tokens += int(mask.sum())
-            for row, (_, digit_ids) in zip(probs, items):
-                scores.append(expected_digit({d: float(row[t]) for d, t in digit_ids.items()}))
+        """Expected digit at each prefix's score position. Prompts that share most of their tokens
+        (the bystander's five criteria differ only in their last lines) share one forward pass over
+        the common part, through the KV cache; the rest are batched."""
+        items = [self._digit_position(p) for p in prefixes]
+        scores: list[float | None] = [None] * len(items)
+        groups, singles = self._shared_groups([ids for ids, _ in items]), []
+        for group in groups:
+            if len(group) == 1:
+                singles += group
+                continue
+            for i, probs in zip(group, self._forward_shared([items[i][0] for i in group])):
+                scores[i] = expected_digit({d: float(probs[t]) for d, t in items[i][1].items()})
+        for start in range(0, len(singles), self.batch_size):
+            chunk = singles[start:start + self.batch_size]
+            for i, probs in zip(chunk, self._forward_batch([items[i][0] for i in chunk])):
+                scores[i] = expected_digit({d: float(probs[t]) for d, t in items[i][1].items()})
         return scores
+
+    @staticmethod
+    def _shared_groups(seqs: list[list[int]], share: float = 0.8) -> list[list[int]]:
+        """Consecutive sequences whose common prefix is at least `share` of each one's length."""
+        groups, common = [], None
+        for i, ids in enumerate(seqs):
+            if groups and common is not None:
+                n = next((k for k, (a, b) in enumerate(zip(common, ids)) if a != b), min(len(common), len(ids)))
+                if n >= share * len(ids) and n >= share * len(common):
+                    groups[-1].append(i)
+                    common = common[:n]
+                    continue
+            groups.append([i])
+            common = ids
+        return groups
+
+    def _forward_batch(self, seqs: list[list[int]]):
+        width = max(len(ids) for ids in seqs)
+        pad = self.tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in seqs], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in seqs], device=self.model.device)
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, -1, :].float()
+        self.stats.calls += len(seqs)
+        self.stats.prompt_tokens += int(mask.sum())
+        return torch.softmax(logits, dim=-1)
+
+    def _forward_shared(self, seqs: list[list[int]]):
+        from transformers import DynamicCache
+        n = min(next((k for k, col in enumerate(zip(*seqs)) if len(set(col)) > 1), min(map(len, seqs))),
+                min(map(len, seqs)) - 1)                  # keep at least one token per suffix
+        cache = DynamicCache()
+        self.model(input_ids=torch.tensor([seqs[0][:n]], device=self.model.device), past_key_values=cache,
+                   use_cache=True)
+        out = []
+        for ids in seqs:
+            logits = self.model(input_ids=torch.tensor([ids[n:]], device=self.model.device), past_key_values=cache,
+                                use_cache=True).logits[0, -1, :].float()
+            cache.crop(-(len(ids) - n))        # back to the shared prefix
+            out.append(torch.softmax(logits, dim=-1))
+        self.stats.calls += len(seqs)
+        self.stats.prompt_tokens += n + sum(len(ids) - n for ids in seqs)
+        return out

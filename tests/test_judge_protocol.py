@@ -76,7 +76,9 @@ def test_candidate_is_delimited_after_the_fixed_rubric():
         assert system[0] == "system" and system == o.messages[0]   # the rubric is a fixed prefix
         assert "Zap?" in o.messages[1][1] and "Zap?" not in o.messages[0][1]
         assert user[1].count("<candidate>") == 1 and user[1].count("</candidate>") == 1
-        assert user[1].rstrip().endswith("</candidate>")
+        assert user[1].index("</candidate>") < user[1].index("Score: N")   # protocol after the candidate
+    direct = build_requests(CASE, "a", "r", "direct")
+    assert all(d.messages[0] == r.messages[0] for d, r in zip(direct, requests))  # same rubric in every mode
     assert "my analysis" in requests[0].messages[1][1] and "my reply" in requests[1].messages[1][1]
     assert escape_candidate("a </candidate> b") == "a ‹/candidate› b"
 

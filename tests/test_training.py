@@ -1,0 +1,102 @@
+"""02_sft.py and 04_grpo.py: configs against the pinned TRL, smoke runs, resume, missing inputs."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import transformers.training_args as targs
+
+from conftest import REPO, run_stage
+
+
+def stage_settings(script, preset, smoke=False):
+    """A stage's resolved settings for a preset, read the way the stage reads them."""
+    import runpy
+    from unittest import mock
+    argv = [script, f"PRESET={preset}"] + (["SMOKE=True"] if smoke else [])
+    with mock.patch.object(sys, "argv", argv):
+        return runpy.run_path(str(REPO / script), run_name="not_main")["settings"]
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu16", "gpu24"])
+def test_sft_and_grpo_configs_validate_against_the_pinned_trl(preset, monkeypatch, tmp_path):
+    from perm import training
+    if preset.startswith("gpu"):   # build the GPU configs as a CUDA machine with bf16 would
+        monkeypatch.setattr(training, "precision", lambda: {"bf16": True, "fp16": False})
+        monkeypatch.setattr(targs, "is_torch_bf16_gpu_available", lambda: True)
+    sft = training.sft_config(stage_settings("02_sft.py", preset), str(tmp_path))
+    grpo_settings = stage_settings("04_grpo.py", preset)
+    grpo = training.grpo_config(grpo_settings, str(tmp_path))
+    assert sft.completion_only_loss and sft.max_length == stage_settings("02_sft.py", preset)["MAX_SEQ_LENGTH"]
+    assert grpo.beta == 0.01 and grpo.loss_type == "dapo" and grpo.scale_rewards == "group"
+    assert grpo.num_generations == grpo_settings["NUM_GENERATIONS"]
+    assert grpo.generation_batch_size % grpo.num_generations == 0
+    assert grpo.max_completion_length == grpo_settings["MAX_COMPLETION_LENGTH"]
+    assert grpo.bf16 == preset.startswith("gpu") and grpo.use_cpu == (preset == "cpu")
+
+
+def test_sft_labels_keep_the_end_of_turn_token(runs_dir):
+    from datasets import Dataset
+    from trl import SFTTrainer
+    from perm.models import load_tokenizer, resolve_model
+    from perm.training import load_policy, sft_config
+    s = stage_settings("02_sft.py", "cpu", smoke=True)
+    model, tok = load_policy("tiny", runs_dir, 1024, 4, 8, 0)
+    example = {"prompt": [{"role": "user", "content": "hello there"}],
+               "completion": [{"role": "assistant", "content": "# Analysis\nA.\n# Response\nB."}]}
+    trainer = SFTTrainer(model=model, args=sft_config(s, str(runs_dir / "x")), processing_class=tok,
+                         train_dataset=Dataset.from_list([example]))
+    row = trainer.train_dataset[0]
+    labelled = [t for t in row["labels"] if t != -100]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in labelled                  # the model learns to stop
+    assert tok.decode(labelled).startswith("# Analysis") and "hello" not in tok.decode(labelled)
+
+
+def test_smoke_pipeline_01_02_04_logs_every_term_and_perspective(runs_dir):
+    for script in ("01_build_data.py", "02_sft.py"):
+        run_stage(script, f"RUNS_DIR={runs_dir}", "SMOKE=True")
+    sft = json.loads((runs_dir / "sft" / "default" / "metrics.json").read_text())
+    assert {"base_format_rate", "sft_format_rate", "truncation_rate"} <= set(sft)
+    assert (runs_dir / "sft" / "default" / "adapter" / "adapter_config.json").exists()
+    proc = run_stage("04_grpo.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
+    assert "expected judge calls" in proc.stdout and "[inherit] MODEL" not in proc.stdout
+    out = runs_dir / "grpo" / "default"
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [e for e in history if "reward" in e]
+    assert len(steps) == 2
+    for entry in steps:
+        for name in ("empathy_reward", "bystander_reward", "length_reward"):
+            assert f"rewards/{name}/mean" in entry
+        for p in ("resonation", "expression", "reception", "bystander"):
+            assert f"perspective/{p}" in entry, p
+        assert 1 <= entry["perspective/resonation"] <= 5 and 0 <= entry["perspective/bystander"] <= 100
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["judge_calls"] > 0 and metrics["judge_failures"] == 0
+    assert {"reward_first_10pct", "reward_last_10pct", "format_rate", "truncation_rate", "peak_memory_gb"} <= set(metrics)
+    assert (out / "adapter" / "adapter_config.json").exists() and not (runs_dir / "grpo" / "default.partial").exists()
+
+
+def test_killed_grpo_run_resumes_and_finishes(runs_dir):
+    run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
+    args = [f"RUNS_DIR={runs_dir}", "SMOKE=True", "INIT=base", "MAX_STEPS=4", "SAVE_STEPS=2", "TAG=r"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "04_grpo.py"), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = runs_dir / "grpo" / "r.partial" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (runs_dir / "grpo" / "r").exists()
+    done = run_stage("04_grpo.py", *args, "RESUME=True")
+    assert "resuming from checkpoint-" in done.stdout
+    history = json.loads((runs_dir / "grpo" / "r" / "log_history.json").read_text())
+    assert [e["step"] for e in history if "reward" in e][-1] == 4
+
+
+def test_init_sft_without_an_sft_run_names_02(runs_dir):
+    run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
+    proc = run_stage("04_grpo.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "SFT_TAG=nope", check=False)
+    assert proc.returncode != 0 and "02_sft.py TAG=nope" in proc.stdout
