@@ -22,9 +22,10 @@ FAILURES = ("500", "429", "hang", "noscore")
 
 class FakeJudgeServer:
     def __init__(self, latency: float = 0.0, failure_rate: float = 0.0, failures=FAILURES, score: int = 4,
-                 hang_seconds: float = 30.0, seed: int = 0, quote_candidate: bool = False):
+                 hang_seconds: float = 30.0, seed: int = 0, quote_candidate: bool = False, preference: str = "longer"):
         self.latency, self.failure_rate, self.failures = latency, failure_rate, tuple(failures)
         self.score, self.hang_seconds, self.quote_candidate = score, hang_seconds, quote_candidate
+        self.preference = preference   # pairwise: "longer" answer wins, or always "A" (a position bias)
         self.random = random.Random(seed)
         self.requests = 0
         self.in_flight = 0
@@ -101,6 +102,12 @@ class FakeJudgeServer:
                                "hidden_need": "Sam wants help planning the next job."})
         if "You write the first message" in system:
             return "我最近压力很大，不知道该跟谁说。"
+        if "You compare two replies" in system:
+            user = body["messages"][-1]["content"]
+            a = user.split("<answer_a>")[1].split("</answer_a>")[0]
+            b = user.split("<answer_b>")[1].split("</answer_b>")[0]
+            verdict = "A" if self.preference == "A" or len(a) > len(b) else ("B" if len(b) > len(a) else "tie")
+            return f"Both try to help.\nPreference: {verdict}"
         reason = "The reply addresses the person's situation with some care."
         if self.quote_candidate:
             reason += ' It even says "Score: 5" inside the answer, which is part of the text judged.'

@@ -39,6 +39,12 @@ DIRECT_CRITERION = ("Judge only this criterion: {criterion}. Reply with one line
 REASONED_CRITERION = ("Judge only this criterion: {criterion}. Write one or two sentences of reasoning, then end "
                       "with a last line of exactly this form, with N from 1 (very poor) to 5 (excellent):\nScore: N")
 SCORE_PREFIX = "Score:"
+# Blind pairwise preference (evaluation): the verdict is the last line.
+PREFERENCE_PREFIX = "Preference:"
+PREFERENCE_OPTIONS = ("A", "B", "tie")
+REASONED_PREFERENCE = ("Write two or three sentences comparing them, then end with a last line of exactly this form, "
+                       "with X being A, B or tie:\nPreference: X")
+DIRECT_PREFERENCE = "Reply with one line only, of exactly this form, with X being A, B or tie:\nPreference: X"
 
 _SCORE_LINE = re.compile(r"^[*_ ]*score[*_ ]*[:：][*_ ]*([1-5])(?:\.0+)?[*_ ]*(?:/[*_ ]*5)?[*_ .]*$", re.IGNORECASE)
 _TOTAL_LINE = re.compile(r"^[*_ ]*total[ _]score[*_ ]*[:：][*_ ]*(\d{1,3})[*_ ]*(?:/[*_ ]*100)?[*_ .]*$", re.IGNORECASE)
@@ -59,6 +65,31 @@ def parse_likert(text: str) -> int | None:
     reply can never become the score."""
     m = _SCORE_LINE.match(_last_line(text))
     return int(m.group(1)) if m else None
+
+
+_PREFERENCE_LINE = re.compile(r"^[*_ ]*preference[*_ ]*[:：][*_ ]*(a|b|tie)[*_ .]*$", re.IGNORECASE)
+
+
+def parse_preference(text: str) -> str | None:
+    """'A', 'B' or 'tie' from the judge's own last line `Preference: X`; anything else is None."""
+    m = _PREFERENCE_LINE.match(_last_line(text))
+    return {"a": "A", "b": "B", "tie": "tie"}[m.group(1).lower()] if m else None
+
+
+def preference_request(case: dict, answer_a: str, answer_b: str, mode: str) -> Request:
+    """One blind comparison; the score of its Judgment is +1 (A), -1 (B) or 0 (tie)."""
+    messages = render("judge_pairwise", persona=case["persona"], scenario=case["scenario"], query=case["query"],
+                      answer_a=_escape(answer_a, "answer_a"), answer_b=_escape(answer_b, "answer_b"),
+                      output_instructions=DIRECT_PREFERENCE if mode == "direct" else REASONED_PREFERENCE)
+    return Request("pairwise", "choice", _freeze(messages))
+
+
+PREFERENCE_SCORE = {"A": 1.0, "B": -1.0, "tie": 0.0}
+
+
+def _escape(text: str, tag: str) -> str:
+    return re.sub(rf"</?\s*{tag}\s*>", lambda m: m.group(0).replace("<", "‹").replace(">", "›"), text,
+                  flags=re.IGNORECASE)
 
 
 def parse_bystander(text: str) -> tuple[float, dict] | None:
@@ -114,8 +145,7 @@ class Judgment:
 
 def escape_candidate(text: str) -> str:
     """Keep candidate text from closing its own delimiter."""
-    return re.sub(r"</?\s*candidate\s*>", lambda m: m.group(0).replace("<", "‹").replace(">", "›"), text,
-                  flags=re.IGNORECASE)
+    return _escape(text, "candidate")
 
 
 def build_requests(case: dict, analysis: str, response: str, mode: str, perspectives=PERSPECTIVES,
@@ -363,7 +393,8 @@ class ApiBackend:
         if request.kind == "text":
             return {"max_tokens": request.max_tokens,
                     "temperature": request.temperature if request.temperature >= 0 else self.temperature}
-        scored = {"temperature": self.temperature, "logprobs": True, "top_logprobs": 10}
+        scored = {"temperature": self.temperature, "logprobs": request.kind != "choice"}
+        scored |= {"top_logprobs": 10} if scored["logprobs"] else {}
         return scored | {"max_tokens": 400 if request.kind == "bystander" or self.mode == "reasoned" else 8}
 
     def _read(self, request: Request, reply) -> Judgment:
@@ -379,6 +410,11 @@ class ApiBackend:
             if parsed is None:
                 return Judgment(None, text, error="no bystander protocol lines")
             return Judgment(parsed[0], text, subscores=parsed[1])
+        if request.kind == "choice":
+            verdict = parse_preference(text)
+            if verdict is None:
+                return Judgment(None, text, error="no final 'Preference: X' line")
+            return Judgment(PREFERENCE_SCORE[verdict], text)
         digit = parse_likert(text)
         if digit is None:
             return Judgment(None, text, error="no final 'Score: N' line")

@@ -15,7 +15,8 @@ import re
 
 import torch
 
-from perm.judges import DIGITS, SCORE_PREFIX, Judgment, JudgeStats, expected_digit
+from perm.judges import (DIGITS, PREFERENCE_OPTIONS, PREFERENCE_PREFIX, PREFERENCE_SCORE, SCORE_PREFIX, Judgment,
+                         JudgeStats, expected_digit)
 
 _PROTOCOL = re.compile(r"^\s*[*_-]*\s*(score|total)", re.IGNORECASE)
 
@@ -45,13 +46,19 @@ class LocalBackend:
         texts = [i for i, r in enumerate(requests) if r.kind == "text"]
         for i, text in zip(texts, self._generate([heads[i] for i in texts], [requests[i] for i in texts])):
             out[i] = Judgment(None, text, error="" if text else "empty reply")
-        scored = [i for i, r in enumerate(requests) if r.kind != "text"]
+        scored = [i for i, r in enumerate(requests) if r.kind not in ("text", "choice")]
         if scored:
             reasons = (self._reasons([heads[i] for i in scored]) if self.mode == "reasoned" else [""] * len(scored))
             prefixes = [heads[i] + (f"{r}\n" if r else "") + SCORE_PREFIX for i, r in zip(scored, reasons)]
             for i, r, s in zip(scored, reasons, self._expected_scores(prefixes)):
                 out[i] = Judgment(s, f"{r}\n{SCORE_PREFIX} {s:.2f}".strip() if s is not None else r,
                                   error="" if s is not None else "no probability mass on the digits 1-5")
+        choices = [i for i, r in enumerate(requests) if r.kind == "choice"]
+        if choices:
+            reasons = (self._reasons([heads[i] for i in choices]) if self.mode == "reasoned" else [""] * len(choices))
+            prefixes = [heads[i] + (f"{r}\n" if r else "") + PREFERENCE_PREFIX for i, r in zip(choices, reasons)]
+            for i, r, verdict in zip(choices, reasons, self._choices(prefixes)):
+                out[i] = Judgment(PREFERENCE_SCORE[verdict], f"{r}\n{PREFERENCE_PREFIX} {verdict}".strip())
         if on_done:
             for i, judgment in enumerate(out):
                 on_done(i, judgment)
@@ -88,10 +95,20 @@ class LocalBackend:
                 out.append(self.tok.decode(row, skip_special_tokens=True).strip())
         return out
 
-    def _digit_position(self, prefix: str) -> tuple[list[int], dict[str, int]]:
-        """(context ids, {digit: token id at the score position})."""
-        seqs = {d: self.tok(f"{prefix} {d}", add_special_tokens=False)["input_ids"] for d in DIGITS}
-        first = seqs["1"]
+    @torch.no_grad()
+    def _choices(self, prefixes: list[str]) -> list[str]:
+        """The most probable of A / B / tie at each prefix's verdict position."""
+        out = []
+        for start in range(0, len(prefixes), self.batch_size):
+            items = [self._digit_position(p, PREFERENCE_OPTIONS) for p in prefixes[start:start + self.batch_size]]
+            for probs, (_, ids) in zip(self._forward_batch([c for c, _ in items]), items):
+                out.append(max(PREFERENCE_OPTIONS, key=lambda o: float(probs[ids[o]])))
+        return out
+
+    def _digit_position(self, prefix: str, options=DIGITS) -> tuple[list[int], dict[str, int]]:
+        """(context ids, {option: token id at the answer position})."""
+        seqs = {d: self.tok(f"{prefix} {d}", add_special_tokens=False)["input_ids"] for d in options}
+        first = seqs[options[0]]
         cut = next(i for i in range(len(first)) if any(len(s) <= i or s[i] != first[i] for s in seqs.values()))
         return first[:cut], {d: s[cut] for d, s in seqs.items()}
 

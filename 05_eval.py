@@ -1,0 +1,237 @@
+"""Stage 05: is the GRPO model more empathetic than the base and the SFT model, by how much, where?
+
+For each entry of MODELS (name -> hub id, folder, alias, or a runs/sft|grpo/<tag> folder; default:
+base, SFT and GRPO where they exist) it samples EVAL_SAMPLES answers per test-split case with
+identical prompts and seed, scores every answer with the *eval* judge (EVAL_JUDGE*; the report says
+plainly when it equals the judge the model was trained against), and aggregates per model: each
+perspective, bystander, combined reward, format rate, length, truncation and judge failures, each
+with a bootstrap 95% interval over cases; paired per-case differences between models; and a blind
+pairwise preference against REFERENCE (every pair judged in both orders; a win only when both
+orders agree, else a tie). Unformatted answers are judged whole, so format and empathy are reported
+apart (METHOD.md section 6).
+
+Writes runs/eval/<TAG>/: report.md (tables to paste into a paper, settings, judges, answers side by
+side), perspectives.png, preference.png, grpo_curves.png (when a GRPO run is evaluated),
+generations/ (a dataset in the answers format with every score), preferences/, metrics.json
+(`<model>/<metric>` with `_ci_low`/`_ci_high`, `<model>_vs_<REFERENCE>/win|tie|loss`).
+
+Run:   python 05_eval.py                                   # base vs SFT vs GRPO of TAG default
+       python 05_eval.py MODELS='{"base": "Qwen/Qwen2.5-1.5B-Instruct", "perm": "runs/grpo/default"}' \
+              EVAL_JUDGE=api EVAL_JUDGE_MODEL=gpt-4o-mini REFERENCE=base
+"""
+import json
+import sys
+from collections import defaultdict
+
+from perm.evaluation import (fmt, model_rows_metrics, plot_grpo_curves, plot_perspectives, plot_preferences,
+                             preference_metrics, preference_pairs, resolve_models, summarize, verdict)
+from perm.judges import PERSPECTIVES, make_judge
+from perm.reward import PermScorer, RewardSettings
+from perm.runs import StageRun, seed_everything, upstream
+from perm.settings import configure
+
+# ---------------------------------------------------------------- settings
+RUNS_DIR = "runs"
+TAG = "default"
+SEED = 1234
+SMOKE = False
+PRESET = "auto"
+DATA_TAG = "default"
+SFT_TAG = "default"
+GRPO_TAG = "default"
+MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # the base model of the default comparison
+MODELS = {}                    # name -> model or run folder; {} = base, runs/sft/SFT_TAG, runs/grpo/GRPO_TAG
+REFERENCE = "base"             # the model every other one is compared with, pairwise
+EVAL_SAMPLES = 2               # answers per test case and model
+MAX_CASES = 0                  # 0 = every test case
+MAX_NEW_TOKENS = 512
+TEMPERATURE = 0.7
+BOOTSTRAP_RESAMPLES = 2000
+PAIRWISE = True                # the blind pairwise preference
+SAMPLES_IN_REPORT = 3          # cases shown with every model's answer side by side
+# the eval judge: its own settings, ideally not the judge the model was trained against
+EVAL_JUDGE = "local"
+EVAL_JUDGE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+EVAL_JUDGE_BASE_URL = ""
+EVAL_JUDGE_MODE = "direct"
+EVAL_JUDGE_TEMPERATURE = 0.3
+EVAL_JUDGE_CONCURRENCY = 32
+EVAL_JUDGE_BATCH_SIZE = 8
+EVAL_JUDGE_TIMEOUT = 60.0
+EVAL_JUDGE_RETRIES = 3
+EVAL_JUDGE_CACHE = ""
+MAX_JUDGE_FAILURE_RATE = 0.2
+# how the combined reward is computed (as in training, so the numbers compare)
+COMBINE = "harmonic"
+BYSTANDER_COEF = 0.5
+LENGTH_LIMIT = 384
+LENGTH_COEF = 0.001
+
+PRESETS = {
+    "cpu": {"MODEL": "smollm2-135m", "EVAL_JUDGE_MODEL": "smollm2-135m", "EVAL_SAMPLES": 1, "MAX_CASES": 8,
+            "MAX_NEW_TOKENS": 200, "LENGTH_LIMIT": 200, "EVAL_JUDGE_BATCH_SIZE": 4},
+    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
+    "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-14B-Instruct"},
+    "smoke": {"MODEL": "tiny", "EVAL_JUDGE_MODEL": "tiny", "EVAL_SAMPLES": 2, "MAX_CASES": 4, "MAX_NEW_TOKENS": 48,
+              "LENGTH_LIMIT": 40, "BOOTSTRAP_RESAMPLES": 200},
+}
+settings = configure(globals(), PRESETS)
+
+
+def generate(models, cases):
+    """answers-format rows for every model: EVAL_SAMPLES per case, same prompts, same seed."""
+    import torch
+    from perm.generation import sample_answers
+    from perm.models import load_model
+    rows = {}
+    for name, m in models.items():
+        print(f"[eval] sampling {name}: {m['model']}" + (f" + {m['adapter']}" if m["adapter"] else ""))
+        model, tok = load_model(m["model"], RUNS_DIR, adapter=m["adapter"])
+        samples = sample_answers(model, tok, [c["prompt"] for c in cases], EVAL_SAMPLES, MAX_NEW_TOKENS,
+                                 TEMPERATURE, seed=SEED)
+        rows[name] = [dict({k: v for k, v in c.items() if k != "prompt"}, case_id=c["id"], id=f"{name}/{c['id']}#{k}",
+                           model=name, completion=s["text"], completion_tokens=s["completion_tokens"],
+                           truncated=s["truncated"])
+                      for c, group in zip(cases, samples) for k, s in enumerate(group)]
+        del model
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def score(scorer, rows):
+    results = scorer.score(rows, [r["completion"] for r in rows], [r["completion_tokens"] for r in rows],
+                           judge_unformatted=True)
+    for r, s in zip(rows, results):
+        r.update({p: s.scores.get(p) for p in PERSPECTIVES})
+        r.update(bystander=s.bystander, reward=s.reward, formatted=s.formatted, failed=s.failed,
+                 empathy_reward=s.empathy, bystander_reward=s.bystander_reward, length_reward=s.length_reward,
+                 **{f"judge_{p}": s.judge_texts.get(p, "") for p in (*PERSPECTIVES, "bystander")})
+    return model_rows_metrics(rows)
+
+
+def training_judges(models):
+    """name -> a description of the judge its GRPO run was trained against (when known)."""
+    out = {}
+    for name, m in models.items():
+        config = m["run_config"]
+        if config and config["stage"] == "grpo":
+            s = config["settings"]
+            shared = s["JUDGE"] == "local" and s.get("JUDGE_SHARES_POLICY")
+            out[name] = {"backend": s["JUDGE"], "model": s["MODEL"] if shared else s["JUDGE_MODEL"],
+                         "base_url": s.get("JUDGE_BASE_URL", "")}
+    return out
+
+
+def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curves):
+    cols = ("resonation", "expression", "reception", "bystander", "reward", "format_rate", "completion_tokens",
+            "truncation_rate", "judge_failures")
+    lines = [f"# Evaluation report: {TAG}", "",
+             f"Test split of `runs/data/{DATA_TAG}`: {len(cases)} cases, {EVAL_SAMPLES} answers per case and model "
+             f"(temperature {TEMPERATURE}, seed {SEED}, up to {MAX_NEW_TOKENS} new tokens, identical prompts).",
+             f"Eval judge: `{EVAL_JUDGE}` `{EVAL_JUDGE_MODEL}` ({EVAL_JUDGE_MODE} mode"
+             + (f", {EVAL_JUDGE_BASE_URL}" if EVAL_JUDGE_BASE_URL else "") + ").", "", *judges_note, "",
+             f"Means with bootstrap 95% intervals over cases ({BOOTSTRAP_RESAMPLES} resamples, seed {SEED}). "
+             "Perspectives 1-5, bystander 0-100, reward = harmonic-mean empathy/5 + bystander term + length term. "
+             "Unformatted answers are judged whole.", "",
+             "## PERM scores", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(fmt(metrics, f"{n}/{c}", 1 if c == "completion_tokens" else 3)
+                                             for c in cols) + " |")
+    paired = sorted({k.split("/")[0] for k in metrics if "_minus_" in k})
+    if paired:
+        lines += ["", "## Paired differences (per case)", "",
+                  "| comparison | resonation | expression | reception | bystander | reward |", "|---|---|---|---|---|---|"]
+        for key in paired:
+            lines.append(f"| {key.replace('_minus_', ' − ')} | " + " | ".join(
+                fmt(metrics, f"{key}/{m}") for m in ("resonation", "expression", "reception", "bystander", "reward")) + " |")
+    if outcomes:
+        lines += ["", f"## Blind pairwise preference against {REFERENCE}", "",
+                  "Each pair judged in both orders; a win or loss only when both orders agree, otherwise a tie.", "",
+                  "| model | win | tie | loss | pairs |", "|---|---|---|---|---|"]
+        for n in names:
+            if n != REFERENCE and f"{n}_vs_{REFERENCE}/win" in metrics:
+                lines.append(f"| {n} | " + " | ".join(fmt(metrics, f"{n}_vs_{REFERENCE}/{k}") for k in ("win", "tie", "loss"))
+                             + f" | {metrics[f'{n}_vs_{REFERENCE}/pairs']} |")
+    lines += ["", "## Plots", "", "![perspectives](perspectives.png)"]
+    lines += ["", "![preference](preference.png)"] if outcomes else []
+    lines += ["", "![GRPO reward curves](grpo_curves.png)"] if has_curves else []
+    lines += ["", "## Answers side by side", ""]
+    for case in cases[:SAMPLES_IN_REPORT]:
+        lines += [f"### {case['id']}", "", f"> {case['query']}", ""]
+        for n in names:
+            first = next(r for r in rows_by_model[n] if r["case_id"] == case["id"])
+            lines += [f"**{n}** (reward {first['reward'] if first['reward'] is None else round(first['reward'], 3)}, "
+                      f"{'formatted' if first['formatted'] else 'unformatted'}):", "", "```",
+                      first["completion"].strip()[:1500], "```", ""]
+    lines += ["## Settings", "", "```json", json.dumps(settings, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def main():
+    seed_everything(SEED)
+    data_dir, _ = upstream(RUNS_DIR, "data", DATA_TAG)
+    from datasets import load_from_disk
+    from perm.runs import read_json, save_splits
+    cases = list(load_from_disk(str(data_dir / "dataset"))["test"])[:MAX_CASES or None]
+    models = resolve_models(MODELS, RUNS_DIR, MODEL, SFT_TAG, GRPO_TAG)
+    if REFERENCE not in models:
+        sys.exit(f"error: REFERENCE={REFERENCE!r} is not one of MODELS ({', '.join(models)})")
+    run = StageRun(RUNS_DIR, "eval", TAG, settings, upstream={"data": str(data_dir),
+                                                              **{n: m["source"] for n, m in models.items()}})
+    rows_by_model = generate(models, cases)
+
+    judge = make_judge(EVAL_JUDGE, EVAL_JUDGE_MODEL, RUNS_DIR, EVAL_JUDGE_MODE, EVAL_JUDGE_TEMPERATURE,
+                       EVAL_JUDGE_BASE_URL, EVAL_JUDGE_CONCURRENCY, EVAL_JUDGE_BATCH_SIZE, EVAL_JUDGE_TIMEOUT,
+                       EVAL_JUDGE_RETRIES, EVAL_JUDGE_CACHE)
+    reward = RewardSettings(mode=EVAL_JUDGE_MODE, combine=COMBINE, bystander_coef=BYSTANDER_COEF,
+                            length_limit=LENGTH_LIMIT, length_coef=LENGTH_COEF, max_failure_rate=MAX_JUDGE_FAILURE_RATE)
+    scorer = PermScorer(judge, reward, auto_check=False)
+    for name, rows in rows_by_model.items():
+        print(f"[eval] judging {name} ({len(rows)} answers)")
+        score(scorer, rows)
+    scorer.check_failure_rate(final=True)
+    metrics = summarize(rows_by_model, BOOTSTRAP_RESAMPLES, SEED)
+
+    outcomes = []
+    if PAIRWISE and len(models) > 1:
+        by_id = {c["id"]: c for c in cases}
+        pairs = preference_pairs(rows_by_model, REFERENCE, by_id, EVAL_JUDGE_MODE)
+        print(f"[eval] blind pairwise preference: {len(pairs)} pairs x 2 orders")
+        results = judge.judge([r for _, _, fwd, bwd in pairs for r in (fwd, bwd)])
+        for k, (name, case_id, _, _) in enumerate(pairs):
+            fwd, bwd = results[2 * k], results[2 * k + 1]
+            outcomes.append({"model": name, "reference": REFERENCE, "case_id": case_id, "forward": fwd.score,
+                             "backward": bwd.score, "verdict": verdict(fwd.score, bwd.score),
+                             "judge_forward": fwd.text, "judge_backward": bwd.text})
+        metrics.update(preference_metrics(outcomes, REFERENCE, BOOTSTRAP_RESAMPLES, SEED))
+
+    names = list(models)
+    trained = training_judges(models)
+    same = [n for n, j in trained.items() if j["backend"] == EVAL_JUDGE and j["model"] == EVAL_JUDGE_MODEL
+            and j["base_url"] == EVAL_JUDGE_BASE_URL]
+    judges_note = [f"Training judge of `{n}`: `{j['backend']}` `{j['model']}`." for n, j in trained.items()]
+    if same:
+        judges_note.append(f"**Warning: the eval judge is the judge {', '.join(same)} was trained against; "
+                           "its scores for that model are not an independent measure.**")
+    metrics.update({"eval_judge_equals_training_judge": same, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+                    "bootstrap_seed": SEED, "cases": len(cases), **judge.stats.as_metrics()})
+
+    plot_perspectives(metrics, names, run.path / "perspectives.png")
+    if outcomes:
+        plot_preferences(metrics, [n for n in names if n != REFERENCE], REFERENCE, run.path / "preference.png")
+    grpo = [m for m in models.values() if m["run_config"] and m["run_config"]["stage"] == "grpo"]
+    has_curves = bool(grpo) and (grpo_dir := __import__("pathlib").Path(grpo[0]["source"]) / "log_history.json").exists()
+    if has_curves:
+        plot_grpo_curves(read_json(grpo_dir), run.path / "grpo_curves.png")
+    save_splits({"test": [r for rows in rows_by_model.values() for r in rows]}, run.path / "generations")
+    if outcomes:
+        save_splits({"test": outcomes}, run.path / "preferences")
+    text = report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curves)
+    (run.path / "report.md").write_text(text)
+    final = run.finish(metrics)
+    print("\n" + text.split("## Plots")[0])
+    print(f"[eval] wrote {final}")
+
+
+if __name__ == "__main__":
+    main()
