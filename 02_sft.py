@@ -62,8 +62,8 @@ JUDGE_CACHE = ""
 
 PRESETS = {
     # CPU: budgeted from measured timings (LoRA ~8 ms/token on 2 cores; ~600-token examples)
-    "cpu": {"MODEL": "smollm2-135m", "MAX_SEQ_LENGTH": 768, "MAX_STEPS": 30, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
-            "LR": 5e-4, "EVAL_CASES": 8, "MAX_NEW_TOKENS": 320, "JUDGE_MODEL": "smollm2-135m"},
+    "cpu": {"MODEL": "smollm2-135m", "MAX_SEQ_LENGTH": 768, "MAX_STEPS": 40, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
+            "LR": 5e-4, "EVAL_CASES": 8, "MAX_NEW_TOKENS": 400, "JUDGE_MODEL": "smollm2-135m"},
     "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "BATCH_SIZE": 4, "GRAD_ACCUM": 4},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "BATCH_SIZE": 2, "GRAD_ACCUM": 8, "MAX_SEQ_LENGTH": 1536},
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "EVAL_CASES": 4,

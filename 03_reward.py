@@ -16,7 +16,7 @@ Writes runs/reward/<TAG>/: `scored/` (a dataset: the answers' fields, every pers
 sub-scores, each reward term, the judges' text), `sanity/`, `metrics.json` (incl. the perspective
 correlation matrix).
 
-Run:   python 03_reward.py                       # PRESET=auto; on CPU the demo model judges itself
+Run:   python 03_reward.py                       # PRESET=auto; on CPU: the SFT demo model, judged by its base
        python 03_reward.py ANSWERS=mine.jsonl JUDGE=api JUDGE_MODEL=gpt-4o-mini JUDGE_MODE=reasoned
        (the API key comes from the environment variable JUDGE_API_KEY, never from a setting)
 
@@ -75,11 +75,11 @@ LENGTH_COEF = 0.001            # per token over the limit (paper)
 RECEPTION_SEES_HIDDEN_NEED = False  # give the reception judge the case's hidden need (an ablation)
 
 PRESETS = {
-    "cpu": {"MODEL": "smollm2-135m", "JUDGE_MODEL": "smollm2-135m", "SAMPLES_PER_CASE": 2, "MAX_CASES": 8,
-            "MAX_NEW_TOKENS": 160, "LENGTH_LIMIT": 200, "JUDGE_BATCH_SIZE": 4},
+    "cpu": {"MODEL": "smollm2-135m", "JUDGE_MODEL": "smollm2-135m", "INIT": "sft", "SAMPLES_PER_CASE": 2,
+            "MAX_CASES": 6, "MAX_NEW_TOKENS": 400, "LENGTH_LIMIT": 400, "JUDGE_BATCH_SIZE": 4},
     "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "JUDGE_MODEL": "Qwen/Qwen2.5-3B-Instruct"},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
-    "smoke": {"MODEL": "tiny", "JUDGE_MODEL": "tiny", "SAMPLES_PER_CASE": 2, "MAX_CASES": 3,
+    "smoke": {"MODEL": "tiny", "JUDGE_MODEL": "tiny", "INIT": "base", "SAMPLES_PER_CASE": 2, "MAX_CASES": 3,
               "MAX_NEW_TOKENS": 48, "LENGTH_LIMIT": 40},
 }
 settings = configure(globals(), PRESETS)

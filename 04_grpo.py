@@ -85,7 +85,7 @@ RECEPTION_SEES_HIDDEN_NEED = False
 PRESETS = {
     # CPU demo: budgeted from measured timings (135M model, ~1.3 s per 700-token judge forward)
     "cpu": {"MODEL": "smollm2-135m", "MAX_STEPS": 4, "LR": 5e-5, "NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 2,
-            "GRAD_ACCUM": 1, "MAX_COMPLETION_LENGTH": 160, "LENGTH_LIMIT": 140, "SAVE_STEPS": 2,
+            "GRAD_ACCUM": 1, "MAX_COMPLETION_LENGTH": 320, "LENGTH_LIMIT": 280, "SAVE_STEPS": 2,
             "LOG_SAMPLES_EVERY": 2, "JUDGE_MODEL": "smollm2-135m", "JUDGE_BATCH_SIZE": 4},
     "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "NUM_GENERATIONS": 6, "PROMPTS_PER_STEP": 2,
               "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 512, "LENGTH_LIMIT": 384},

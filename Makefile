@@ -24,6 +24,10 @@ setup-gpu: $(STAMP)
 # Every stage that exists, in order, with PRESET=auto (CPU: the real demo model, small sizes).
 run: $(STAMP)
 	$(PY) 01_build_data.py $(ARGS)
+	$(PY) 02_sft.py $(ARGS)
+	$(PY) 03_reward.py $(ARGS)
+	$(PY) 04_grpo.py $(ARGS)
+	$(PY) 05_eval.py $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)

@@ -71,3 +71,15 @@ def test_each_pair_is_judged_in_both_orders(tmp_path, preference, expected):
         results = judge.judge([r for _, _, f, b in pairs for r in (f, b)])
     assert server.requests == 4
     assert [verdict(results[2 * k].score, results[2 * k + 1].score) for k in range(2)] == expected
+
+
+def test_ablation_script_trains_each_variant_and_reports_them_together(runs_dir):
+    for script in ("01_build_data.py", "02_sft.py"):
+        run_stage(script, f"RUNS_DIR={runs_dir}", "SMOKE=True")
+    run_stage("tools/ablate.py", f"RUNS_DIR={runs_dir}", "SMOKE=True",
+              "ABLATIONS={'no_bystander': {'BYSTANDER_COEF': 0.0, 'PERSPECTIVES': ['reception']}}",
+              "EVAL_ARGS=['PAIRWISE=False', 'MAX_CASES=2']")
+    config = json.loads((runs_dir / "grpo" / "no_bystander" / "config.json").read_text())["settings"]
+    assert config["BYSTANDER_COEF"] == 0.0 and config["PERSPECTIVES"] == ["reception"]
+    report = (runs_dir / "eval" / "ablations" / "report.md").read_text()
+    assert "| sft |" in report and "| no_bystander |" in report
