@@ -36,7 +36,7 @@ from perm.settings import configure
 RUNS_DIR = "runs"
 TAG = "default"
 SEED = 1234
-SMOKE = False                       # no effect here beyond the tag's later stages: all cases are kept
+SMOKE = False                       # no effect here: the data stage is already fast
 PRESET = "auto"
 INPUTS = ["data/cases.jsonl"]       # files (JSONL or a JSON array) or "hf:thu-coai/esconv"
 INPUT_FORMATS = {}                  # force a format per input: {"x.jsonl": "rlver"}; case|perm|rlver|esconv

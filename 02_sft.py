@@ -27,8 +27,8 @@ import sys
 from perm import USE_UNSLOTH
 from perm.cases import RowError, load_answers
 from perm.prompts import policy_prompt, split_sections
-from perm.runs import StageRun, inherit, seed_everything, upstream
-from perm.settings import configure, explicit_keys
+from perm.runs import StageRun, seed_everything, upstream
+from perm.settings import configure
 
 # ---------------------------------------------------------------- settings
 RUNS_DIR = "runs"
@@ -62,8 +62,8 @@ JUDGE_CACHE = ""
 
 PRESETS = {
     # CPU: budgeted from measured timings (LoRA ~8 ms/token on 2 cores; ~600-token examples)
-    "cpu": {"MODEL": "smollm2-135m", "MAX_SEQ_LENGTH": 768, "MAX_STEPS": 40, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
-            "LR": 5e-4, "EVAL_CASES": 8, "MAX_NEW_TOKENS": 400, "JUDGE_MODEL": "smollm2-135m"},
+    "cpu": {"MODEL": "smollm2-135m", "MAX_SEQ_LENGTH": 768, "MAX_STEPS": 60, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
+            "LR": 5e-4, "EVAL_CASES": 8, "MAX_NEW_TOKENS": 512, "JUDGE_MODEL": "smollm2-135m"},
     "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "BATCH_SIZE": 4, "GRAD_ACCUM": 4},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "BATCH_SIZE": 2, "GRAD_ACCUM": 8, "MAX_SEQ_LENGTH": 1536},
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "EVAL_CASES": 4,
@@ -79,10 +79,10 @@ def examples_from_source(train, tok):
         pairs = [(c["prompt"], c["reference"]) for c in train if c["reference"]]
         dropped["no reference"] = len(train) - len(pairs)
     elif SFT_SOURCE == "teacher":
-        from perm.judges import Request, _freeze, make_judge
+        from perm.judges import make_judge, text_request
         teacher = make_judge(JUDGE, JUDGE_MODEL, RUNS_DIR, "direct", JUDGE_TEMPERATURE, JUDGE_BASE_URL,
                              JUDGE_CONCURRENCY, JUDGE_BATCH_SIZE, JUDGE_TIMEOUT, JUDGE_RETRIES, JUDGE_CACHE)
-        requests = [Request("teacher", "text", _freeze(c["prompt"]), MAX_NEW_TOKENS, JUDGE_TEMPERATURE) for c in train]
+        requests = [text_request(c["prompt"], MAX_NEW_TOKENS, JUDGE_TEMPERATURE, role="teacher") for c in train]
         answers = teacher.judge(requests)
         pairs = [(c["prompt"], a.text) for c, a in zip(train, answers) if not a.error and split_sections(a.text)]
         dropped["teacher failed"] = sum(bool(a.error) for a in answers)

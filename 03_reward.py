@@ -31,7 +31,8 @@ from collections import defaultdict
 import numpy as np
 
 from perm.cases import RowError, load_answers
-from perm.judges import BYSTANDER_CRITERIA, PERSPECTIVES, make_judge
+from perm.judges import BYSTANDER_CRITERIA, make_judge
+from perm.judges import PERSPECTIVES as ALL_PERSPECTIVES
 from perm.reward import PermScorer, RewardSettings
 from perm.runs import StageRun, inherit, seed_everything, upstream
 from perm.sanity import battery
@@ -117,9 +118,9 @@ def score_rows(scorer, rows, tok):
         flat = {**row, "formatted": r.formatted, "failed": r.failed, "completion_tokens": r.completion_tokens,
                 "bystander": r.bystander, "empathy_reward": r.empathy, "bystander_reward": r.bystander_reward,
                 "length_reward": r.length_reward, "reward": r.reward}
-        flat.update({p: r.scores.get(p) for p in PERSPECTIVES})
+        flat.update({p: r.scores.get(p) for p in ALL_PERSPECTIVES})
         flat.update({f"bystander_{c.lower().replace(' ', '_')}": r.subscores.get(c) for c in BYSTANDER_CRITERIA})
-        flat.update({f"judge_{p}": r.judge_texts.get(p, "") for p in (*PERSPECTIVES, "bystander")})
+        flat.update({f"judge_{p}": r.judge_texts.get(p, "") for p in (*ALL_PERSPECTIVES, "bystander")})
         flat.setdefault("truncated", False)
         out.append(flat)
     return out
@@ -131,7 +132,7 @@ def mean(values):
 
 
 def summarize(rows):
-    m = {f"{p}_mean": mean(r[p] for r in rows) for p in (*PERSPECTIVES, "bystander")}
+    m = {f"{p}_mean": mean(r[p] for r in rows) for p in (*ALL_PERSPECTIVES, "bystander")}
     m["reward_mean"] = mean(r["reward"] for r in rows)
     groups = defaultdict(list)
     for r in rows:
@@ -144,7 +145,7 @@ def summarize(rows):
     m["truncation_rate"] = mean(float(r["truncated"]) for r in rows)
     m["failed_answers"] = sum(r["failed"] for r in rows)
     judged = [r for r in rows if r["reward"] is not None and r["formatted"]]
-    names = [p for p in (*PERSPECTIVES, "bystander") if all(r[p] is not None for r in judged)]
+    names = [p for p in (*ALL_PERSPECTIVES, "bystander") if all(r[p] is not None for r in judged)]
     if len(judged) > 2 and names:
         matrix = np.corrcoef(np.array([[r[p] for p in names] for r in judged]).T)
         m["perspective_correlation"] = {a: {b: (None if np.isnan(matrix[i, j]) else round(float(matrix[i, j]), 3))
@@ -215,7 +216,7 @@ def main():
         save_splits({"train": sanity_rows}, run.path / "sanity")
     final = run.finish(metrics)
     print("\n[reward] summary")
-    for key in ("answers", "format_rate", *(f"{p}_mean" for p in (*PERSPECTIVES, "bystander")), "reward_mean",
+    for key in ("answers", "format_rate", *(f"{p}_mean" for p in (*ALL_PERSPECTIVES, "bystander")), "reward_mean",
                 "reward_std_within_group", "frac_zero_std_groups", "sanity_accuracy", "judge_calls",
                 "judge_failures", "cache_hits"):
         value = metrics.get(key)

@@ -26,11 +26,11 @@ LoRA, which needs a higher rate (1e-5), with smaller groups and shorter answers:
 For the paper's settings: LR=1e-6 NUM_GENERATIONS=8 PROMPTS_PER_STEP=8 MAX_COMPLETION_LENGTH=1024
 LENGTH_LIMIT=768 (and more memory than one GPU has).
 """
-import json
 import sys
 
 from perm import USE_UNSLOTH
-from perm.judges import BYSTANDER_CRITERIA, PERSPECTIVES, make_judge
+from perm.judges import PERSPECTIVES as ALL_PERSPECTIVES
+from perm.judges import make_judge
 from perm.reward import JudgeFailureRateExceeded, PermScorer, RewardSettings, make_reward_functions
 from perm.runs import StageRun, inherit, seed_everything, upstream, write_json
 from perm.settings import configure, explicit_keys
@@ -110,7 +110,7 @@ def summary(history, scorer, judge, extra):
                               if any(key in r for r in rows) else None)
     m = {"steps": len(steps), "reward_first_10pct": mean(steps[:k], "reward"), "reward_last_10pct": mean(steps[-k:], "reward")}
     for key in ("rewards/empathy_reward/mean", "rewards/bystander_reward/mean", "rewards/length_reward/mean",
-                *(f"perspective/{p}" for p in (*PERSPECTIVES, "bystander"))):
+                *(f"perspective/{p}" for p in (*ALL_PERSPECTIVES, "bystander"))):
         m[f"{key}_first_10pct"], m[f"{key}_last_10pct"] = mean(steps[:k], key), mean(steps[-k:], key)
     m["format_rate"] = scorer.answers and 1 - scorer.format_failures / scorer.answers
     m["truncation_rate"] = mean(steps, "completions/clipped_ratio")
@@ -162,7 +162,7 @@ def main():
 
         def on_step_end(self, args, state, control, **kwargs):
             failed, seen = reduce_across_processes(list(scorer.window_counts()))
-            if seen >= 50 and failed > MAX_JUDGE_FAILURE_RATE * seen:
+            if seen >= 50 and failed > MAX_JUDGE_FAILURE_RATE * seen:   # 50: one bad batch cannot trip it
                 Monitor.reason = scorer.failure_message(int(failed), int(seen))
                 control.should_training_stop = True
             if LOG_SAMPLES_EVERY and state.global_step % LOG_SAMPLES_EVERY == 0 and scorer.last:

@@ -21,7 +21,7 @@ Run:   python 05_eval.py                                   # base vs SFT vs GRPO
 """
 import json
 import sys
-from collections import defaultdict
+from pathlib import Path
 
 from perm.evaluation import (fmt, model_rows_metrics, plot_grpo_curves, plot_perspectives, plot_preferences,
                              preference_metrics, preference_pairs, resolve_models, summarize, verdict)
@@ -69,7 +69,7 @@ LENGTH_COEF = 0.001
 
 PRESETS = {
     "cpu": {"MODEL": "smollm2-135m", "EVAL_JUDGE_MODEL": "smollm2-135m", "EVAL_SAMPLES": 1, "MAX_CASES": 8,
-            "MAX_NEW_TOKENS": 200, "LENGTH_LIMIT": 200, "EVAL_JUDGE_BATCH_SIZE": 4},
+            "MAX_NEW_TOKENS": 320, "LENGTH_LIMIT": 280, "EVAL_JUDGE_BATCH_SIZE": 4},
     "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-14B-Instruct"},
     "smoke": {"MODEL": "tiny", "EVAL_JUDGE_MODEL": "tiny", "EVAL_SAMPLES": 2, "MAX_CASES": 4, "MAX_NEW_TOKENS": 48,
@@ -126,7 +126,7 @@ def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curv
     cols = ("resonation", "expression", "reception", "bystander", "reward", "format_rate", "completion_tokens",
             "truncation_rate", "judge_failures")
     lines = [f"# Evaluation report: {TAG}", "",
-             f"Test split of `runs/data/{DATA_TAG}`: {len(cases)} cases, {EVAL_SAMPLES} answers per case and model "
+             f"Test split of `runs/data/{DATA_TAG}`: {len(cases)} cases, {EVAL_SAMPLES} answer(s) per case and model "
              f"(temperature {TEMPERATURE}, seed {SEED}, up to {MAX_NEW_TOKENS} new tokens, identical prompts).",
              f"Eval judge: `{EVAL_JUDGE}` `{EVAL_JUDGE_MODEL}` ({EVAL_JUDGE_MODE} mode"
              + (f", {EVAL_JUDGE_BASE_URL}" if EVAL_JUDGE_BASE_URL else "") + ").", "", *judges_note, "",
@@ -220,9 +220,10 @@ def main():
     if outcomes:
         plot_preferences(metrics, [n for n in names if n != REFERENCE], REFERENCE, run.path / "preference.png")
     grpo = [m for m in models.values() if m["run_config"] and m["run_config"]["stage"] == "grpo"]
-    has_curves = bool(grpo) and (grpo_dir := __import__("pathlib").Path(grpo[0]["source"]) / "log_history.json").exists()
+    curves = Path(grpo[0]["source"]) / "log_history.json" if grpo else None
+    has_curves = bool(curves and curves.exists())
     if has_curves:
-        plot_grpo_curves(read_json(grpo_dir), run.path / "grpo_curves.png")
+        plot_grpo_curves(read_json(curves), run.path / "grpo_curves.png")
     save_splits({"test": [r for rows in rows_by_model.values() for r in rows]}, run.path / "generations")
     if outcomes:
         save_splits({"test": outcomes}, run.path / "preferences")

@@ -47,9 +47,16 @@ class MissingQuery(RowSkip):
 # ---------------------------------------------------------------- reading
 
 def iter_rows(path: str):
-    """(location, row) of a JSONL file, a JSON array file, or `hf:<dataset id>` (all splits).
+    """(location, row object) of a JSONL file, a JSON array file, or `hf:<dataset id>` (all splits).
 
-    A line that is not valid JSON yields (location, RowError)."""
+    A row that is not a JSON object yields (location, RowError)."""
+    for location, row in _iter_json(path):
+        if not isinstance(row, (dict, RowError)):
+            row = RowError(f"row must be a JSON object, got {type(row).__name__}")
+        yield location, row
+
+
+def _iter_json(path: str):
     if path.startswith(HF_PREFIX):
         from datasets import load_dataset
         name = path[len(HF_PREFIX):]
@@ -252,8 +259,6 @@ def load_cases(inputs: list[str], formats: dict, skip_bad_rows: bool, missing_qu
             try:
                 if isinstance(row, RowError):
                     raise row
-                if not isinstance(row, dict):
-                    raise RowError(f"row must be a JSON object, got {type(row).__name__}")
                 if fmt is None:
                     fmt = detect_format(row)
                     if fmt is None:
@@ -342,7 +347,7 @@ def data_card(splits: dict, dropped: list) -> dict:
 
 
 def card_markdown(card: dict) -> str:
-    lines = [f"# Data card\n", f"{card['rows']} cases kept, {card['dropped']} rows dropped.\n"]
+    lines = ["# Data card\n", f"{card['rows']} cases kept, {card['dropped']} rows dropped.\n"]
     for field in ("split", "source", "need_kind", "category", "lang"):
         counts = card[f"by_{field}"]
         lines.append(f"**{field}**: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "\n")
@@ -372,8 +377,6 @@ def load_answers(path: str) -> list[dict]:
         try:
             if isinstance(row, RowError):
                 raise row
-            if not isinstance(row, dict):
-                raise RowError(f"row must be a JSON object, got {type(row).__name__}")
             case = validate(from_case(row))
             answer = {**case, "case_id": _text(row, "case_id"), "id": _text(row, "id"),
                       "model": _text(row, "model", required=False)}

@@ -183,6 +183,11 @@ def _freeze(messages: list[dict]) -> tuple:
     return tuple((m["role"], m["content"]) for m in messages)
 
 
+def text_request(messages: list[dict], max_tokens: int, temperature: float, role: str = "writer") -> Request:
+    """A free-text request (a synthesized case, a first message, a teacher's answer)."""
+    return Request(role, "text", _freeze(messages), max_tokens, temperature)
+
+
 def criterion_to_points(score: float) -> float:
     """A 1-5 criterion rating mapped linearly to the paper's 0-20 sub-score (direct mode)."""
     return (score - 1.0) / 4.0 * 20.0

@@ -10,7 +10,7 @@ import random
 import re
 
 from perm.cases import NEED_KINDS, RowError, validate
-from perm.judges import Judge, Request, _freeze
+from perm.judges import Judge, text_request
 from perm.prompts import render
 
 NEED_DESCRIPTIONS = {
@@ -27,7 +27,7 @@ def _example(case: dict) -> str:
     return json.dumps({k: case[k] for k in (*CASE_KEYS, "need_kind", "category")}, ensure_ascii=False)
 
 
-def synthesis_requests(seeds: list[dict], n: int, seed: int) -> list[tuple[Request, dict]]:
+def synthesis_requests(seeds: list[dict], n: int, seed: int) -> list[tuple]:
     """n requests, each with two example cases and a target (need kind, area) cycling through the kinds."""
     rng = random.Random(seed)
     areas = sorted({c["category"] for c in seeds if c["category"]}) or ["life"]
@@ -38,7 +38,7 @@ def synthesis_requests(seeds: list[dict], n: int, seed: int) -> list[tuple[Reque
         examples = rng.sample(seeds, k=min(2, len(seeds)))
         messages = render("synthesize_case", need_kind=kind, category=area, need_description=NEED_DESCRIPTIONS[kind],
                           examples="\n".join(_example(c) for c in examples))
-        out.append((Request("writer", "text", _freeze(messages), SYNTH_MAX_TOKENS, SYNTH_TEMPERATURE),
+        out.append((text_request(messages, SYNTH_MAX_TOKENS, SYNTH_TEMPERATURE),
                     {"need_kind": kind, "category": area, "variant": i}))
     return out
 
@@ -80,9 +80,8 @@ def synthesize_cases(judge: Judge, seeds: list[dict], n: int, seed: int) -> tupl
 
 def write_first_messages(judge: Judge, partial: list[tuple[str, dict]]) -> tuple[list[tuple], list[tuple]]:
     """Fill `query` for cases that lack a first message; (written, rejected) as (location, ...) pairs."""
-    requests = [Request("writer", "text", _freeze(render("first_message", persona=c["persona"],
-                                                         scenario=c["scenario"])), 300, SYNTH_TEMPERATURE)
-                for _, c in partial]
+    requests = [text_request(render("first_message", persona=c["persona"], scenario=c["scenario"]), 300,
+                             SYNTH_TEMPERATURE) for _, c in partial]
     cases, rejected = [], []
     for (location, case), judgment in zip(partial, judge.judge(requests)):
         if judgment.error:

@@ -104,3 +104,31 @@ def test_reward_stage_with_api_judge_never_writes_the_key(runs_dir, tmp_path):
     metrics = json.loads((runs_dir / "reward" / "default" / "metrics.json").read_text())
     assert metrics["answers"] == 6 and metrics["judge_failures"] == 0
     assert metrics["format_rate"] == 0.5 and metrics["sanity_accuracy"] is not None
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from perm.judges import build_requests, make_judge
+cases = [json.loads(l) for l in open({cases!r}).read().splitlines()[:6]]
+judge = make_judge("api", "fake-judge", {tmp!r}, "direct", 0.3, base_url={url!r}, concurrency=4,
+                   cache_path={cache!r})
+results = judge.judge([r for c in cases for r in build_requests(c, "An analysis of " + c["id"], c["query"][::-1],
+                                                                  "direct")])
+print(json.dumps({{"ok": sum(r.score is not None for r in results), "calls": judge.stats.calls}}))
+"""
+
+
+def test_two_processes_share_one_cache(tmp_path):
+    import subprocess
+    import sys
+    cache = tmp_path / "shared.sqlite"
+    with FakeJudgeServer(latency=0.02) as server:
+        script = TWO_PROCESS_SCRIPT.format(repo=str(REPO), cases=str(REPO / "data" / "cases.jsonl"), tmp=str(tmp_path),
+                                           url=server.base_url, cache=str(cache))
+        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+        assert all(o["ok"] == 48 for o in outs)
+        again = api_judge(server, tmp_path, cache_path=str(cache))
+        assert all(r.score is not None for r in again.judge(requests_for(CASES[:6])))
+    assert again.stats.calls == 0 and again.stats.cache_hits == 48       # both processes' writes landed

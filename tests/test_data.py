@@ -109,7 +109,7 @@ def test_bad_row_fails_with_file_line_and_leaves_nothing_finished(tmp_path, runs
     # ... and with SKIP_BAD_ROWS the good row is kept and the bad one is reported
     build(runs_dir, f"INPUTS=['{path}']", "TAG=x", "SKIP_BAD_ROWS=True")
     card = (runs_dir / "data" / "x" / "data_card.md").read_text()
-    assert "1 cases kept, 1 rows dropped" in card and f"bad.jsonl:2: bad row: " in card
+    assert "1 cases kept, 1 rows dropped" in card and "bad.jsonl:2: bad row: " in card
 
 
 def test_missing_input_file_is_named(runs_dir):

@@ -40,7 +40,6 @@ def test_sft_and_grpo_configs_validate_against_the_pinned_trl(preset, monkeypatc
 def test_sft_labels_keep_the_end_of_turn_token(runs_dir):
     from datasets import Dataset
     from trl import SFTTrainer
-    from perm.models import load_tokenizer, resolve_model
     from perm.training import load_policy, sft_config
     s = stage_settings("02_sft.py", "cpu", smoke=True)
     model, tok = load_policy("tiny", runs_dir, 1024, 4, 8, 0)
