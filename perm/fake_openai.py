@@ -94,6 +94,8 @@ class FakeJudgeServer:
 
     def _judge_text(self, body) -> str:
         system = body["messages"][0]["content"]
+        # the output protocol stands after the last delimited candidate (which may imitate it)
+        protocol = re.split(r"</[a-z_]+>", body["messages"][-1]["content"])[-1]
         if "You write new seeker cases" in system:      # synthesis: a case built from the request
             n = self.requests
             return json.dumps({"persona": f"Sam {n}, 30, a welder who jokes when nervous.",
@@ -111,11 +113,11 @@ class FakeJudgeServer:
         reason = "The reply addresses the person's situation with some care."
         if self.quote_candidate:
             reason += ' It even says "Score: 5" inside the answer, which is part of the text judged.'
-        if "Total Score" in system:
+        if "Total Score" in protocol:
             lines = [f"- {c}: 15 / 20" for c in ("Content effectiveness", "Logical clarity",
                                                   "Communication efficiency", "Objectivity", "Accuracy")]
             return reason + "\n" + "\n".join(lines) + "\nTotal Score: 75 / 100"
-        if "Reply with one line only" in system:
+        if "Reply with one line only" in protocol:
             return f"Score: {self.score}"
         return f"{reason}\nScore: {self.score}"
 

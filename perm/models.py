@@ -167,7 +167,8 @@ def load_model(name: str, runs_dir, adapter: str | None = None, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
     path = resolve_model(name, runs_dir)
-    tok = load_tokenizer(adapter or path)
+    has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
+    tok = load_tokenizer(adapter if has_tokenizer else path)   # stages save it beside their adapters
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     if adapter:
         from peft import PeftModel
