@@ -204,11 +204,18 @@ class JudgeCache:
         self.path = str(path)
         self._lock = threading.Lock()
         self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        for attempt in range(20):   # two processes opening a new cache at once may briefly see it locked
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+                                "created REAL NOT NULL)")
+                self.db.commit()
+                break
+            except sqlite3.OperationalError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         self.db.execute("PRAGMA synchronous=NORMAL")   # WAL: survives a killed process, no fsync per write
-        self.db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
-                        "created REAL NOT NULL)")
-        self.db.commit()
 
     def get(self, key: str) -> Judgment | None:
         with self._lock:

@@ -126,8 +126,11 @@ def test_two_processes_share_one_cache(tmp_path):
     with FakeJudgeServer(latency=0.02) as server:
         script = TWO_PROCESS_SCRIPT.format(repo=str(REPO), cases=str(REPO / "data" / "cases.jsonl"), tmp=str(tmp_path),
                                            url=server.base_url, cache=str(cache))
-        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-        outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for _ in range(2)]
+        texts = [p.communicate(timeout=120)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), texts
+        outs = [json.loads(t.strip().splitlines()[-1]) for t in texts]
         assert all(o["ok"] == 48 for o in outs)
         again = api_judge(server, tmp_path, cache_path=str(cache))
         assert all(r.score is not None for r in again.judge(requests_for(CASES[:6])))
