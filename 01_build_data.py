@@ -98,10 +98,9 @@ def main() -> None:
 
 def synthesize(cases, dropped, missing):
     """Add written first messages and synthetic cases, then deduplicate everything again."""
-    from perm.judges import make_judge
+    from perm.judges import judge_from_settings
     from perm.synthesis import synthesize_cases, write_first_messages
-    writer = make_judge(JUDGE, JUDGE_MODEL, RUNS_DIR, "direct", JUDGE_TEMPERATURE, JUDGE_BASE_URL,
-                        JUDGE_CONCURRENCY, JUDGE_BATCH_SIZE, JUDGE_TIMEOUT, JUDGE_RETRIES, JUDGE_CACHE)
+    writer = judge_from_settings(settings, mode="direct")
     found = [("input", c) for c in cases]
     if missing:
         written, rejected = write_first_messages(writer, missing)

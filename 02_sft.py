@@ -79,9 +79,8 @@ def examples_from_source(train, tok):
         pairs = [(c["prompt"], c["reference"]) for c in train if c["reference"]]
         dropped["no reference"] = len(train) - len(pairs)
     elif SFT_SOURCE == "teacher":
-        from perm.judges import make_judge, text_request
-        teacher = make_judge(JUDGE, JUDGE_MODEL, RUNS_DIR, "direct", JUDGE_TEMPERATURE, JUDGE_BASE_URL,
-                             JUDGE_CONCURRENCY, JUDGE_BATCH_SIZE, JUDGE_TIMEOUT, JUDGE_RETRIES, JUDGE_CACHE)
+        from perm.judges import judge_from_settings, text_request
+        teacher = judge_from_settings(settings, mode="direct")
         requests = [text_request(c["prompt"], MAX_NEW_TOKENS, JUDGE_TEMPERATURE, role="teacher") for c in train]
         answers = teacher.judge(requests)
         pairs = [(c["prompt"], a.text) for c, a in zip(train, answers) if not a.error and split_sections(a.text)]

@@ -31,7 +31,7 @@ from collections import defaultdict
 import numpy as np
 
 from perm.cases import RowError, load_answers
-from perm.judges import BYSTANDER_CRITERIA, make_judge
+from perm.judges import judge_from_settings
 from perm.judges import PERSPECTIVES as ALL_PERSPECTIVES
 from perm.reward import PermScorer, RewardSettings
 from perm.runs import StageRun, inherit, seed_everything, upstream
@@ -113,17 +113,7 @@ def token_counts(rows, tok):
 
 def score_rows(scorer, rows, tok):
     results = scorer.score(rows, [r["completion"] for r in rows], token_counts(rows, tok))
-    out = []
-    for row, r in zip(rows, results):
-        flat = {**row, "formatted": r.formatted, "failed": r.failed, "completion_tokens": r.completion_tokens,
-                "bystander": r.bystander, "empathy_reward": r.empathy, "bystander_reward": r.bystander_reward,
-                "length_reward": r.length_reward, "reward": r.reward}
-        flat.update({p: r.scores.get(p) for p in ALL_PERSPECTIVES})
-        flat.update({f"bystander_{c.lower().replace(' ', '_')}": r.subscores.get(c) for c in BYSTANDER_CRITERIA})
-        flat.update({f"judge_{p}": r.judge_texts.get(p, "") for p in (*ALL_PERSPECTIVES, "bystander")})
-        flat.setdefault("truncated", False)
-        out.append(flat)
-    return out
+    return [{"truncated": False, **row, **r.columns()} for row, r in zip(rows, results)]
 
 
 def mean(values):
@@ -198,9 +188,7 @@ def main():
         rows, policy = answers_from_policy(valid)
     tok = policy[1] if policy else load_tokenizer(resolve_model(settings["MODEL"], RUNS_DIR))
     shared = policy if policy and JUDGE == "local" and JUDGE_MODEL == settings["MODEL"] and INIT == "base" else None
-    judge = make_judge(JUDGE, JUDGE_MODEL, RUNS_DIR, JUDGE_MODE, JUDGE_TEMPERATURE, JUDGE_BASE_URL,
-                       JUDGE_CONCURRENCY, JUDGE_BATCH_SIZE, JUDGE_TIMEOUT, JUDGE_RETRIES, JUDGE_CACHE,
-                       local_model=shared)
+    judge = judge_from_settings(settings, local_model=shared)
     scorer = PermScorer(judge, RewardSettings.from_settings(settings))
     scored = score_rows(scorer, rows, tok)
     metrics = summarize(scored)

@@ -30,7 +30,7 @@ import sys
 
 from perm import USE_UNSLOTH
 from perm.judges import PERSPECTIVES as ALL_PERSPECTIVES
-from perm.judges import make_judge
+from perm.judges import judge_from_settings
 from perm.reward import JudgeFailureRateExceeded, PermScorer, RewardSettings, make_reward_functions
 from perm.runs import StageRun, inherit, seed_everything, upstream, write_json
 from perm.settings import configure, explicit_keys
@@ -146,10 +146,9 @@ def main():
           f"path {'unsloth 4-bit' if USE_UNSLOTH else 'transformers + peft'}; init {INIT}")
 
     shared = JUDGE == "local" and JUDGE_SHARES_POLICY
-    judge = make_judge(JUDGE, settings["MODEL"] if shared else JUDGE_MODEL, RUNS_DIR, JUDGE_MODE, JUDGE_TEMPERATURE,
-                       JUDGE_BASE_URL, JUDGE_CONCURRENCY, JUDGE_BATCH_SIZE, JUDGE_TIMEOUT, JUDGE_RETRIES, JUDGE_CACHE,
-                       local_model=(model, tok) if shared else None,
-                       context=model.disable_adapter if shared else None)
+    judge = judge_from_settings(settings, model=settings["MODEL"] if shared else "",
+                                local_model=(model, tok) if shared else None,
+                                context=model.disable_adapter if shared else None)
     scorer = PermScorer(judge, RewardSettings.from_settings(settings), auto_check=False)
     answers = MAX_STEPS * GRAD_ACCUM * PROMPTS_PER_STEP * NUM_GENERATIONS
     print(f"[grpo] expected judge calls: up to {answers * requests_per_answer(settings):,} "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from perm.evaluation import (fmt, model_rows_metrics, plot_grpo_curves, plot_perspectives, plot_preferences,
                              preference_metrics, preference_pairs, resolve_models, summarize, verdict)
-from perm.judges import PERSPECTIVES, make_judge
+from perm.judges import judge_from_settings
 from perm.reward import PermScorer, RewardSettings
 from perm.runs import StageRun, seed_everything, upstream
 from perm.settings import configure
@@ -102,10 +102,7 @@ def score(scorer, rows):
     results = scorer.score(rows, [r["completion"] for r in rows], [r["completion_tokens"] for r in rows],
                            judge_unformatted=True)
     for r, s in zip(rows, results):
-        r.update({p: s.scores.get(p) for p in PERSPECTIVES})
-        r.update(bystander=s.bystander, reward=s.reward, formatted=s.formatted, failed=s.failed,
-                 empathy_reward=s.empathy, bystander_reward=s.bystander_reward, length_reward=s.length_reward,
-                 **{f"judge_{p}": s.judge_texts.get(p, "") for p in (*PERSPECTIVES, "bystander")})
+        r.update(s.columns())
     return model_rows_metrics(rows)
 
 
@@ -180,9 +177,7 @@ def main():
                                                               **{n: m["source"] for n, m in models.items()}})
     rows_by_model = generate(models, cases)
 
-    judge = make_judge(EVAL_JUDGE, EVAL_JUDGE_MODEL, RUNS_DIR, EVAL_JUDGE_MODE, EVAL_JUDGE_TEMPERATURE,
-                       EVAL_JUDGE_BASE_URL, EVAL_JUDGE_CONCURRENCY, EVAL_JUDGE_BATCH_SIZE, EVAL_JUDGE_TIMEOUT,
-                       EVAL_JUDGE_RETRIES, EVAL_JUDGE_CACHE)
+    judge = judge_from_settings(settings, prefix="EVAL_JUDGE")
     reward = RewardSettings(mode=EVAL_JUDGE_MODE, combine=COMBINE, bystander_coef=BYSTANDER_COEF,
                             length_limit=LENGTH_LIMIT, length_coef=LENGTH_COEF, max_failure_rate=MAX_JUDGE_FAILURE_RATE)
     scorer = PermScorer(judge, reward, auto_check=False)

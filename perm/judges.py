@@ -307,6 +307,16 @@ class Judge:
         return [results[k] for k in keys]
 
 
+def judge_from_settings(s: dict, prefix: str = "JUDGE", mode: str = "", model: str = "", **kwargs) -> "Judge":
+    """make_judge from a stage's JUDGE* settings (or EVAL_JUDGE* with prefix="EVAL_JUDGE"). `mode` and
+    `model` override the settings (a writer always runs in direct mode; 04 may judge with the policy)."""
+    def get(key):
+        return s[f"{prefix}_{key}"]
+    return make_judge(s[prefix], model or get("MODEL"), s["RUNS_DIR"], mode or get("MODE"), get("TEMPERATURE"),
+                      get("BASE_URL"), get("CONCURRENCY"), get("BATCH_SIZE"), get("TIMEOUT"), get("RETRIES"),
+                      get("CACHE"), **kwargs)
+
+
 def make_judge(backend: str, model: str, runs_dir, mode: str, temperature: float, base_url: str = "",
                concurrency: int = 16, batch_size: int = 8, timeout: float = 60.0, retries: int = 3,
                cache_path: str = "", max_reason_tokens: int = 96, local_model=None, context=None) -> Judge:

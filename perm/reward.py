@@ -106,6 +106,15 @@ class Scored:
             return None
         return self.empathy + self.bystander_reward + self.length_reward
 
+    def columns(self) -> dict:
+        """The flat columns a scored answer carries in 03's and 05's datasets."""
+        return {"formatted": self.formatted, "failed": self.failed, "completion_tokens": self.completion_tokens,
+                **{p: self.scores.get(p) for p in PERSPECTIVES}, "bystander": self.bystander,
+                **{f"bystander_{c.lower().replace(' ', '_')}": self.subscores.get(c) for c in BYSTANDER_CRITERIA},
+                "empathy_reward": self.empathy, "bystander_reward": self.bystander_reward,
+                "length_reward": self.length_reward, "reward": self.reward,
+                **{f"judge_{p}": self.judge_texts.get(p, "") for p in (*PERSPECTIVES, "bystander")}}
+
 
 class PermScorer:
     """Judges batches of answers and applies the reward math; tracks the judge failure rate."""
