@@ -27,7 +27,8 @@ ships its own English case library.
 import sys
 from pathlib import Path
 
-from perm.cases import HF_PREFIX, RowError, card_markdown, data_card, deduplicate, load_cases, split_cases
+from perm.cases import (HF_PREFIX, RowError, card_markdown, data_card, deduplicate, load_cases, select_cases,
+                        split_cases)
 from perm.prompts import policy_prompt
 from perm.runs import REPO_DIR, StageRun, save_splits, seed_everything
 from perm.settings import configure
@@ -36,27 +37,35 @@ from perm.settings import configure
 RUNS_DIR = "runs"
 TAG = "default"
 SEED = 1234
-SMOKE = False                       # no effect here: the data stage is already fast
+SMOKE = False                       # a small stratified sample (MAX_CASES of the smoke preset)
 PRESET = "auto"
 INPUTS = ["data/cases.jsonl"]       # files (JSONL or a JSON array) or "hf:thu-coai/esconv"
 INPUT_FORMATS = {}                  # force a format per input: {"x.jsonl": "rlver"}; case|perm|rlver|esconv
 SKIP_BAD_ROWS = False               # True: skip malformed rows and report them instead of stopping
-VALID_FRACTION = 0.1                # per need kind; 02 and 03 sample this split
-TEST_FRACTION = 0.2                 # per need kind; 05 evaluates on this split
+MAX_CASES = 0                       # a stratified sample of this many cases (0 = every case)
+VALID_FRACTION = 0.065              # per need kind; 02 and 03 sample it, 03 and 04 check the judge on it
+TEST_FRACTION = 0.1                 # per need kind; 05 evaluates on this split
+POLICY_PROMPT = "policy"            # prompts/<name>.txt: policy (the paper's) | policy_guided (names what
+                                    # the judges reward: an ablation)
 SYNTHESIZE_N = 0                    # new cases written by the judge model from the inputs (0 = none)
 WRITE_FIRST_MESSAGES = False        # write a first message for profiles that lack one (else skip them)
-# the writer for synthesis: the judge settings of CONVENTIONS.md
+# the writer for synthesis (the judge settings; it writes whole cases, hence smaller batches, more time)
 JUDGE = "local"                     # local | api
 JUDGE_MODEL = "smollm2-135m"        # local: hub id, folder or alias; api: model name
 JUDGE_BASE_URL = ""                 # api endpoint; empty = OpenAI (key from JUDGE_API_KEY only)
-JUDGE_TEMPERATURE = 0.3             # for judging; synthesis samples at 0.9
+JUDGE_TOP_P = 0.9
 JUDGE_CONCURRENCY = 32
 JUDGE_BATCH_SIZE = 4
 JUDGE_TIMEOUT = 120.0
 JUDGE_RETRIES = 3
 JUDGE_CACHE = ""                    # empty = RUNS_DIR/judge_cache.sqlite
 
-settings = configure(globals())
+PRESETS = {
+    # the demo presets keep small splits (about 112 / 16 / 32), sized for CPU minutes
+    "cpu": {"MAX_CASES": 160, "VALID_FRACTION": 0.1, "TEST_FRACTION": 0.2},
+    "smoke": {"MAX_CASES": 54, "VALID_FRACTION": 0.1, "TEST_FRACTION": 0.2},
+}
+settings = configure(globals(), PRESETS, stage="01_build_data")
 
 
 def resolve_input(path: str) -> str:
@@ -77,13 +86,17 @@ def main() -> None:
         cases, dropped = load_cases(inputs, formats, SKIP_BAD_ROWS, missing)
     except RowError as e:
         sys.exit(f"error: {e}\n(fix the row, or run with SKIP_BAD_ROWS=True to skip bad rows)")
+    if MAX_CASES and len(cases) > MAX_CASES:
+        print(f"[data] MAX_CASES={MAX_CASES}: a sample of {MAX_CASES} of the {len(cases)} input cases, balanced "
+              f"over the need kinds (MAX_CASES=0 keeps them all)")
+        cases = select_cases(cases, MAX_CASES, SEED)
     if missing or SYNTHESIZE_N:
         cases, dropped = synthesize(cases, dropped, missing or [])
     if not cases:
         sys.exit("error: no valid cases in INPUTS")
     splits = split_cases(cases, VALID_FRACTION, TEST_FRACTION, SEED)
 
-    save_splits({name: [dict(c, prompt=policy_prompt(c)) for c in rows] for name, rows in splits.items()},
+    save_splits({name: [dict(c, prompt=policy_prompt(c, POLICY_PROMPT)) for c in rows] for name, rows in splits.items()},
                 run.path / "dataset")
 
     card = data_card(splits, dropped)

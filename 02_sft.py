@@ -49,14 +49,15 @@ LORA_R = 16
 LORA_ALPHA = 32
 EVAL_CASES = 16                # valid cases sampled for the format rates (0 = all)
 MAX_NEW_TOKENS = 512           # answer budget when sampling; past it an answer counts as truncated
-# teacher (SFT_SOURCE=teacher): the judge settings of CONVENTIONS.md
+# teacher (SFT_SOURCE=teacher): the judge settings (docs/method.md, "Judges")
 JUDGE = "local"
 JUDGE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 JUDGE_BASE_URL = ""
 JUDGE_TEMPERATURE = 0.7        # the teacher writes answers: some variety
+JUDGE_TOP_P = 0.9
 JUDGE_CONCURRENCY = 32
-JUDGE_BATCH_SIZE = 4
-JUDGE_TIMEOUT = 120.0
+JUDGE_BATCH_SIZE = 4           # whole answers are long generations: smaller batches than a judge's
+JUDGE_TIMEOUT = 120.0          # and more time per request than a judge's 60 s
 JUDGE_RETRIES = 3
 JUDGE_CACHE = ""
 
@@ -69,17 +70,37 @@ PRESETS = {
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "EVAL_CASES": 4,
               "MAX_NEW_TOKENS": 48, "JUDGE_MODEL": "tiny"},
 }
-settings = configure(globals(), PRESETS)
+settings = configure(globals(), PRESETS, stage="02_sft")
 
 
-def examples_from_source(train, tok):
+# ---------------------------------------------------------------- the method: SFT as configured here
+
+def sft_config(s: dict, output_dir: str):
+    """TRL's SFTConfig for the warm-up: completion-only loss on prompt/completion pairs, so the loss
+    sees the answer and its end-of-turn token (the model learns to stop), never the prompt. The
+    optimizer is set explicitly: Unsloth's patched config would otherwise pick an 8-bit AdamW with
+    weight decay on the GPU path only."""
+    from trl import SFTConfig
+    from perm.training import gradient_checkpointing, precision
+    return SFTConfig(
+        output_dir=output_dir, max_length=s["MAX_SEQ_LENGTH"], num_train_epochs=s["EPOCHS"],
+        max_steps=s["MAX_STEPS"] or -1, per_device_train_batch_size=s["BATCH_SIZE"],
+        gradient_accumulation_steps=s["GRAD_ACCUM"], learning_rate=s["LR"], lr_scheduler_type="cosine",
+        warmup_steps=0.1, optim="adamw_torch", weight_decay=0.0,
+        completion_only_loss=True,            # the loss sees the answer (and its end-of-turn token) only
+        logging_steps=1, save_strategy="no", report_to="none", seed=s["SEED"], dataloader_num_workers=0,
+        gradient_checkpointing=gradient_checkpointing(None), **precision())
+
+
+def examples_from_source(train, tok, data_settings):
     """(prompt, completion) chat pairs from SFT_SOURCE; returns (examples, dropped reasons)."""
     dropped = {}
     if SFT_SOURCE == "references":
         pairs = [(c["prompt"], c["reference"]) for c in train if c["reference"]]
         dropped["no reference"] = len(train) - len(pairs)
     elif SFT_SOURCE == "teacher":
-        from perm.judges import judge_from_settings, text_request
+        from perm.judges import judge_from_settings
+        from perm.protocol import text_request
         teacher = judge_from_settings(settings, mode="direct")
         requests = [text_request(c["prompt"], MAX_NEW_TOKENS, JUDGE_TEMPERATURE, role="teacher") for c in train]
         answers = teacher.judge(requests)
@@ -93,7 +114,8 @@ def examples_from_source(train, tok):
             rows = load_answers(SFT_SOURCE)
         except RowError as e:
             sys.exit(f"error: {e}")
-        pairs = [(policy_prompt(r), r["completion"]) for r in rows if split_sections(r["completion"])]
+        prompt_name = data_settings.get("POLICY_PROMPT", "policy")      # the data stage's policy prompt
+        pairs = [(policy_prompt(r, prompt_name), r["completion"]) for r in rows if split_sections(r["completion"])]
         dropped["answer not in format"] = len(rows) - len(pairs)
     examples = []
     for prompt, answer in pairs:
@@ -119,13 +141,13 @@ def main():
     data_dir, data_config = upstream(RUNS_DIR, "data", DATA_TAG)
     from datasets import Dataset, load_from_disk
     from trl import SFTTrainer
-    from perm.training import Timer, load_policy, peak_memory_gb, sft_config
+    from perm.training import Timer, load_policy, peak_memory_gb
 
     splits = load_from_disk(str(data_dir / "dataset"))
     run = StageRun(RUNS_DIR, "sft", TAG, settings, upstream={"data": str(data_dir)})
     timer = Timer()
     model, tok = load_policy(MODEL, RUNS_DIR, MAX_SEQ_LENGTH, LORA_R, LORA_ALPHA, SEED)
-    examples, dropped = examples_from_source(list(splits["train"]), tok)
+    examples, dropped = examples_from_source(list(splits["train"]), tok, data_config["settings"])
     if not examples:
         sys.exit(f"error: no SFT examples left from SFT_SOURCE={SFT_SOURCE!r} (dropped: {dropped})")
     print(f"[sft] {len(examples)} examples; dropped {dropped or 'none'}; "

@@ -32,10 +32,10 @@ import numpy as np
 
 from perm.cases import RowError, load_answers
 from perm.judges import judge_from_settings
-from perm.judges import PERSPECTIVES as ALL_PERSPECTIVES
+from perm.protocol import PERSPECTIVES as ALL_PERSPECTIVES
 from perm.reward import PermScorer, RewardSettings
 from perm.runs import StageRun, inherit, seed_everything, upstream
-from perm.sanity import battery
+from perm.sanity import run_battery
 from perm.settings import configure, explicit_keys
 
 # ---------------------------------------------------------------- settings
@@ -50,23 +50,24 @@ MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # policy base: hub id, folder, or alias (t
 INIT = "base"                  # base | sft (adds the adapter of runs/sft/<SFT_TAG>)
 ANSWERS = ""                   # an answers JSONL to score instead of sampling the policy
 SAMPLES_PER_CASE = 4           # answers per valid case (a GRPO group)
-MAX_CASES = 0                  # 0 = every valid case
+MAX_CASES = 0                  # valid cases to sample answers for; 0 = every valid case
 MAX_NEW_TOKENS = 512           # answer budget; lower it if generation is slow
 TEMPERATURE = 1.0              # sampling temperature, as in GRPO
-SANITY = True                  # run the sanity battery on the valid split's references
-# judge (CONVENTIONS.md)
+SANITY_CASES = 0               # valid cases in the sanity battery (0 = all; 04 checks the same ones)
+# judge (docs/method.md, "Judges"; the same settings and presets as 04_grpo.py)
 JUDGE = "local"                # local | api
-JUDGE_MODEL = "Qwen/Qwen2.5-3B-Instruct"  # local: hub id, folder or alias; api: the model name
+JUDGE_MODEL = ""               # local: hub id, folder or alias ("" = MODEL, as 04 shares it); api: the model name
 JUDGE_BASE_URL = ""            # api: e.g. http://localhost:8000/v1 (vLLM); empty = OpenAI
 JUDGE_MODE = "direct"          # direct (score only) | reasoned (a short reason, then the score; paper)
 JUDGE_TEMPERATURE = 0.3        # paper: 0.3
+JUDGE_TOP_P = 0.9              # paper: 0.9 (sampled reasons and API judges)
 JUDGE_CONCURRENCY = 32         # api: requests in flight
 JUDGE_BATCH_SIZE = 8           # local: prompts per forward pass
 JUDGE_TIMEOUT = 60.0           # api: seconds per attempt
 JUDGE_RETRIES = 3              # attempts after the first
 JUDGE_CACHE = ""               # SQLite path; empty = RUNS_DIR/judge_cache.sqlite
 MAX_JUDGE_FAILURE_RATE = 0.2   # stop past this share of failed judgments
-# reward (METHOD.md section 4)
+# reward (docs/method.md, "Reward")
 PERSPECTIVES = ["resonation", "expression", "reception"]  # drop one for an ablation
 COMBINE = "harmonic"           # harmonic (paper) | mean | geometric | weighted
 PERSPECTIVE_WEIGHTS = {"resonation": 1.0, "expression": 1.0, "reception": 1.0}  # for COMBINE=weighted
@@ -76,30 +77,36 @@ LENGTH_COEF = 0.001            # per token over the limit (paper)
 RECEPTION_SEES_HIDDEN_NEED = False  # give the reception judge the case's hidden need (an ablation)
 
 PRESETS = {
-    "cpu": {"MODEL": "smollm2-135m", "JUDGE_MODEL": "smollm2-135m", "INIT": "sft", "SAMPLES_PER_CASE": 2,
-            "MAX_CASES": 6, "MAX_NEW_TOKENS": 400, "LENGTH_LIMIT": 400, "JUDGE_BATCH_SIZE": 4},
-    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "JUDGE_MODEL": "Qwen/Qwen2.5-3B-Instruct"},
-    "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
-    "smoke": {"MODEL": "tiny", "JUDGE_MODEL": "tiny", "INIT": "base", "SAMPLES_PER_CASE": 2, "MAX_CASES": 3,
-              "MAX_NEW_TOKENS": 48, "LENGTH_LIMIT": 40},
+    # the judge presets are 04's: the judge checked here is the judge 04 trains against
+    # and the answer budgets and length limits are 04's, so reward_mean previews what 04 trains on
+    "cpu": {"MODEL": "smollm2-135m", "JUDGE_MODEL": "", "INIT": "sft", "SAMPLES_PER_CASE": 2,
+            "MAX_CASES": 6, "SANITY_CASES": 6, "MAX_NEW_TOKENS": 320, "LENGTH_LIMIT": 280, "JUDGE_BATCH_SIZE": 4},
+    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
+    "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "JUDGE_MODEL": "", "MAX_NEW_TOKENS": 768, "LENGTH_LIMIT": 576},
+    "smoke": {"MODEL": "tiny", "JUDGE_MODEL": "", "INIT": "base", "SAMPLES_PER_CASE": 2, "MAX_CASES": 3,
+              "SANITY_CASES": 3, "MAX_NEW_TOKENS": 48, "LENGTH_LIMIT": 40},
 }
-settings = configure(globals(), PRESETS)
+settings = configure(globals(), PRESETS, stage="03_reward")
 
 
-def answers_from_policy(cases):
-    from perm.generation import sample_answers
-    from perm.models import load_model
-    adapter = None
+def sft_adapter():
+    """The SFT adapter folder when INIT=sft (MODEL is inherited from that run, as 04 does), else None."""
     if INIT == "sft":
         sft_dir, sft_config = upstream(RUNS_DIR, "sft", SFT_TAG)
-        inherit(settings, sft_config["settings"], ["MODEL"], explicit_keys(globals()), f"sft/{SFT_TAG}")
-        adapter = str(sft_dir / "adapter")
-    elif INIT != "base":
+        inherit(settings, sft_config["settings"], ["MODEL"], explicit_keys(globals()), f"sft/{SFT_TAG}", globals())
+        return str(sft_dir / "adapter")
+    if INIT != "base":
         sys.exit(f"error: INIT={INIT!r}; choose base or sft")
-    model, tok = load_model(settings["MODEL"], RUNS_DIR, adapter=adapter)
+    return None
+
+
+def answers_from_policy(cases, adapter):
+    from perm.generation import sample_answers
+    from perm.models import load_model
+    model, tok = load_model(MODEL, RUNS_DIR, adapter=adapter)
     samples = sample_answers(model, tok, [c["prompt"] for c in cases], SAMPLES_PER_CASE, MAX_NEW_TOKENS,
                              TEMPERATURE, seed=SEED)
-    label = settings["MODEL"] + (f"+sft/{SFT_TAG}" if adapter else "")
+    label = MODEL + (f"+sft/{SFT_TAG}" if adapter else "")
     rows = [dict({k: v for k, v in case.items() if k != "prompt"}, case_id=case["id"], id=f"{case['id']}#{k}",
                  completion=s["text"], completion_tokens=s["completion_tokens"], truncated=s["truncated"], model=label)
             for case, group in zip(cases, samples) for k, s in enumerate(group)]
@@ -143,37 +150,13 @@ def summarize(rows):
     return m
 
 
-def sanity(scorer, cases, tok):
-    rows = [dict({k: v for k, v in c.items() if k != "prompt"}, case_id=c["id"], id=f"{c['id']}#{name}",
-                 completion=text, model=name)
-            for c in cases if c.get("reference") for name, text in battery(c)]
-    if not rows:
-        return [], {}
-    scored = score_rows(scorer, rows, tok)
-    by_case = defaultdict(dict)
-    for r in scored:  # the judged terms only: the battery tests the judge, not the length penalty
-        by_case[r["case_id"]][r["model"]] = None if r["reward"] is None else r["reward"] - r["length_reward"]
-    firsts, wins = [], defaultdict(list)
-    for rewards in by_case.values():
-        ref = rewards.pop("reference")
-        if ref is None or any(v is None for v in rewards.values()):
-            continue                       # a failed judgment: counted in judge_failures, not guessed
-        firsts.append(all(ref > v for v in rewards.values()))
-        for name, v in rewards.items():
-            wins[name].append(ref > v)
-    metrics = {"sanity_accuracy": mean(firsts), "sanity_cases": len(firsts)}
-    metrics.update({f"sanity_beats_{name}": mean(v) for name, v in wins.items()})
-    return scored, metrics
-
-
 def main():
     seed_everything(SEED)
     data_dir, _ = upstream(RUNS_DIR, "data", DATA_TAG)
     from datasets import load_from_disk
     from perm.models import load_tokenizer, resolve_model
     valid = list(load_from_disk(str(data_dir / "dataset"))["valid"])
-    if MAX_CASES:
-        valid = valid[:MAX_CASES]
+    adapter = sft_adapter()
     run = StageRun(RUNS_DIR, "reward", TAG, settings, upstream={"data": str(data_dir)})
 
     policy = None
@@ -184,15 +167,19 @@ def main():
             sys.exit(f"error: {e}")
         print(f"[reward] scoring {len(rows)} answers from {ANSWERS}")
     else:
-        print(f"[reward] sampling {SAMPLES_PER_CASE} answers for each of {len(valid)} valid cases from {settings['MODEL']}")
-        rows, policy = answers_from_policy(valid)
-    tok = policy[1] if policy else load_tokenizer(resolve_model(settings["MODEL"], RUNS_DIR))
-    shared = policy if policy and JUDGE == "local" and JUDGE_MODEL == settings["MODEL"] and INIT == "base" else None
-    judge = judge_from_settings(settings, local_model=shared)
+        cases = valid[:MAX_CASES] if MAX_CASES else valid
+        print(f"[reward] sampling {SAMPLES_PER_CASE} answers for each of {len(cases)} valid cases from {MODEL}")
+        rows, policy = answers_from_policy(cases, adapter)
+    tok = policy[1] if policy else load_tokenizer(resolve_model(MODEL, RUNS_DIR))
+    # PERM: the judge; "" = the policy's base, the judge 04 trains against by default
+    judge_model = JUDGE_MODEL or (MODEL if JUDGE == "local" else "")
+    shared = policy if policy and JUDGE == "local" and judge_model == MODEL and adapter is None else None
+    judge = judge_from_settings(settings, model=judge_model, local_model=shared)
     scorer = PermScorer(judge, RewardSettings.from_settings(settings))
     scored = score_rows(scorer, rows, tok)
     metrics = summarize(scored)
-    sanity_rows, sanity_metrics = sanity(scorer, valid, tok) if SANITY else ([], {})
+    sanity_rows, sanity_metrics = run_battery(scorer, valid[:SANITY_CASES] if SANITY_CASES else valid,
+                                              lambda rows: token_counts(rows, tok))
     scorer.check_failure_rate(final=True)
     metrics.update(sanity_metrics)
     metrics.update(judge.stats.as_metrics())

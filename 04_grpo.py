@@ -3,34 +3,46 @@
 Reads the train split of runs/data/<DATA_TAG>/ and starts from the base model (INIT=base) or from the
 SFT adapter of runs/sft/<SFT_TAG>/ (INIT=sft). Every group of NUM_GENERATIONS answers is judged from
 the Empathy Cycle's three sides and by a bystander (03's reward, the same settings), and TRL's GRPO
-updates a LoRA adapter. The judge is `local` (by default the policy's own base with its adapters
-switched off: no second model in memory; or a separate JUDGE_MODEL) or `api` (any OpenAI-compatible
-server: OpenAI, vLLM, Ollama).
+updates a LoRA adapter. The judge is `local` (JUDGE_MODEL; "" = the policy's own base with its
+adapters switched off while judging: no second model in memory) or `api` (any OpenAI-compatible
+server: OpenAI, vLLM, Ollama; key in the environment variable JUDGE_API_KEY).
 
-Writes runs/grpo/<TAG>/: adapter/, log_history.json (every step: each reward term, each perspective,
-format rate, loss, KL), metrics.json (reward over the first and last 10% of steps, per perspective,
-judge calls/failures/cache hits, format and truncation rates, wall time, peak memory).
-Checkpoints every SAVE_STEPS live in runs/grpo/<TAG>.partial/; RESUME=True continues a killed run.
-Stops early, with a message and a non-zero exit (checkpoints kept), on NaN loss, on zero reward spread
-in every group for ZERO_STD_PATIENCE steps running, or past MAX_JUDGE_FAILURE_RATE.
+Before step 1 the judge sits the sanity battery of 03_reward.py on the same valid cases (cached: a
+judge 03 already checked costs nothing) and training stops if `sanity_accuracy` is below
+MIN_SANITY_ACCURACY: GRPO amplifies whatever the reward says, so an unfit judge is caught here.
+
+Writes runs/grpo/<TAG>/: adapter/, completions.jsonl (every scored answer of every step: each
+perspective, the bystander's criteria, each reward term; appended as training goes), log_history.json
+(every step: each reward term, each perspective, format rate, loss, KL), metrics.json (reward over
+the first and last 10% of steps, per perspective, sanity figures, judge calls/failures/cache hits,
+format and truncation rates, wall time, peak memory). Checkpoints every SAVE_STEPS live in
+runs/grpo/<TAG>.partial/; RESUME=True continues a killed run. Stops early, with a message and a
+non-zero exit (checkpoints kept), on NaN loss, on zero reward spread in every group for
+ZERO_STD_PATIENCE steps running, or past MAX_JUDGE_FAILURE_RATE.
 
 Run:   python 04_grpo.py                          # PRESET=auto; INIT=sft needs 02_sft.py first
-       python 04_grpo.py JUDGE=api JUDGE_BASE_URL=http://localhost:8000/v1 JUDGE_MODEL=Qwen/Qwen2.5-7B-Instruct
-       accelerate launch 04_grpo.py ...           # several GPUs: the plain path, one process each
+       python 04_grpo.py JUDGE=api JUDGE_MODEL=gpt-4o-mini JUDGE_MODE=reasoned
+       accelerate launch --num_processes 2 04_grpo.py   # several GPUs: the plain path, one process each
 
-Paper (Qwen2.5-7B full fine-tune, 4 x 80 GB): lr 1e-6, beta 0.01, 8 generations, 64 completions per
-step, 1024-token answers, temperature 1.0, loss dapo, group-scaled rewards. One-GPU presets train
-LoRA, which needs a higher rate (1e-5), with smaller groups and shorter answers:
-  gpu16  Qwen2.5-1.5B-Instruct 4-bit, 6 generations x 2 prompts, 512 tokens, LoRA r16  (~10 GB peak)
-  gpu24  Qwen2.5-7B-Instruct 4-bit, 8 generations x 2 prompts, 768 tokens, LoRA r16    (~20 GB peak)
-For the paper's settings: LR=1e-6 NUM_GENERATIONS=8 PROMPTS_PER_STEP=8 MAX_COMPLETION_LENGTH=1024
-LENGTH_LIMIT=768 (and more memory than one GPU has).
+The paper's run (Qwen2.5-7B full fine-tune on 4 x 80 GB GPUs; README, "Departures from the paper"): lr 1e-6
+with 10% warmup then linear decay, beta 0.01, 8 generations per prompt, 64 completions per optimizer
+step (8 prompts x 8), 1024-token answers with the length limit at 768, temperature 1.0, loss dapo,
+group-scaled rewards, one pass over ~3000 prompts. Its batch shape here: NUM_GENERATIONS=8
+PROMPTS_PER_STEP=8 GRAD_ACCUM=1 MAX_COMPLETION_LENGTH=1024 LENGTH_LIMIT=768 (more memory than one
+consumer GPU has). One-GPU presets train LoRA, which needs a higher rate (1e-5), with smaller
+groups and shorter answers:
+  gpu16  Qwen2.5-1.5B-Instruct 4-bit, 6 generations x 2 prompts x 4 accumulation, 512 tokens, LoRA r16,
+         judged by Qwen2.5-7B-Instruct in 4-bit beside it
+  gpu24  Qwen2.5-7B-Instruct 4-bit, 8 generations x 2 prompts x 4 accumulation, 768 tokens, LoRA r16,
+         judged by its own base
 """
+import json
+import os
 import sys
 
 from perm import USE_UNSLOTH
-from perm.judges import PERSPECTIVES as ALL_PERSPECTIVES
 from perm.judges import judge_from_settings
+from perm.protocol import PERSPECTIVES as ALL_PERSPECTIVES
 from perm.reward import JudgeFailureRateExceeded, PermScorer, RewardSettings, make_reward_functions
 from perm.runs import StageRun, inherit, seed_everything, upstream, write_json
 from perm.settings import configure, explicit_keys
@@ -56,24 +68,28 @@ MAX_PROMPT_TOKENS = 1024       # longer prompts are dropped (and counted)
 TEMPERATURE = 1.0              # sampling temperature (paper 1.0)
 LORA_R = 16                    # LoRA rank when INIT=base (INIT=sft continues the SFT adapter)
 LORA_ALPHA = 32
+GRADIENT_CHECKPOINTING = None  # None = on with CUDA (memory), off on CPU (speed); True/False forces it
+FAST_INFERENCE = False         # vLLM rollouts in colocate mode (needs vllm; README "Fast rollouts")
 SAVE_STEPS = 50                # checkpoint every N steps (RESUME=True continues from the last)
 RESUME = False
 LOG_SAMPLES_EVERY = 10         # print two answers with their scores every N steps (0 = never)
 ZERO_STD_PATIENCE = 20         # stop when every group has zero reward spread for N steps running
-# judge (CONVENTIONS.md)
+# judge (the same settings and presets as 03_reward.py, so 04 trains against the judge 03 checked)
 JUDGE = "local"                # local | api
-JUDGE_SHARES_POLICY = True     # local: judge with the policy's own base (adapters off) instead of JUDGE_MODEL
-JUDGE_MODEL = "Qwen/Qwen2.5-3B-Instruct"  # local (when not shared): hub id, folder, alias; api: model name
-JUDGE_BASE_URL = ""
-JUDGE_MODE = "direct"          # direct | reasoned (paper)
-JUDGE_TEMPERATURE = 0.3
-JUDGE_CONCURRENCY = 32
-JUDGE_BATCH_SIZE = 8
-JUDGE_TIMEOUT = 60.0
-JUDGE_RETRIES = 3
-JUDGE_CACHE = ""
-MAX_JUDGE_FAILURE_RATE = 0.2
-# reward (METHOD.md section 4)
+JUDGE_MODEL = ""               # local: hub id, folder, alias ("" = the policy's base, shared); api: model name
+JUDGE_BASE_URL = ""            # api: e.g. http://localhost:8000/v1 (vLLM); empty = OpenAI
+JUDGE_MODE = "direct"          # direct (score only) | reasoned (a short reason, then the score; paper)
+JUDGE_TEMPERATURE = 0.3        # paper: 0.3
+JUDGE_TOP_P = 0.9              # paper: 0.9 (sampled reasons and API judges)
+JUDGE_CONCURRENCY = 32         # api: requests in flight
+JUDGE_BATCH_SIZE = 8           # local: prompts per forward pass
+JUDGE_TIMEOUT = 60.0           # api: seconds per attempt
+JUDGE_RETRIES = 3              # attempts after the first
+JUDGE_CACHE = ""               # SQLite path; empty = RUNS_DIR/judge_cache.sqlite
+MAX_JUDGE_FAILURE_RATE = 0.2   # stop past this share of failed judgments
+SANITY_CASES = 0               # valid cases in the pre-training sanity battery (0 = all; as in 03)
+MIN_SANITY_ACCURACY = 0.75     # stop before step 1 when the judge ranks references first less often
+# reward (docs/method.md, "Reward")
 PERSPECTIVES = ["resonation", "expression", "reception"]
 COMBINE = "harmonic"
 PERSPECTIVE_WEIGHTS = {"resonation": 1.0, "expression": 1.0, "reception": 1.0}
@@ -83,24 +99,80 @@ LENGTH_COEF = 0.001
 RECEPTION_SEES_HIDDEN_NEED = False
 
 PRESETS = {
-    # CPU demo: budgeted from measured timings (135M model, ~1.3 s per 700-token judge forward)
+    # CPU demo: budgeted from measured timings (135M model, ~1.3 s per 700-token judge forward). Its
+    # 135M judge ranks references first on no case, so the gate is off: a plumbing demo, not a result.
     "cpu": {"MODEL": "smollm2-135m", "MAX_STEPS": 4, "LR": 5e-5, "NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 2,
             "GRAD_ACCUM": 1, "MAX_COMPLETION_LENGTH": 320, "LENGTH_LIMIT": 280, "SAVE_STEPS": 2,
-            "LOG_SAMPLES_EVERY": 2, "JUDGE_MODEL": "smollm2-135m", "JUDGE_BATCH_SIZE": 4},
+            "LOG_SAMPLES_EVERY": 2, "JUDGE_MODEL": "", "JUDGE_BATCH_SIZE": 4, "SANITY_CASES": 6,
+            "MIN_SANITY_ACCURACY": 0.0},
     "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "NUM_GENERATIONS": 6, "PROMPTS_PER_STEP": 2,
-              "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 512, "LENGTH_LIMIT": 384},
+              "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 512, "LENGTH_LIMIT": 384,
+              "JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "NUM_GENERATIONS": 8, "PROMPTS_PER_STEP": 2,
-              "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 768, "LENGTH_LIMIT": 576},
+              "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 768, "LENGTH_LIMIT": 576, "JUDGE_MODEL": ""},
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 2, "LR": 1e-4, "NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 2,
               "GRAD_ACCUM": 1, "MAX_COMPLETION_LENGTH": 48, "LENGTH_LIMIT": 40, "SAVE_STEPS": 1,
-              "LOG_SAMPLES_EVERY": 1, "JUDGE_MODEL": "tiny", "ZERO_STD_PATIENCE": 50},
+              "LOG_SAMPLES_EVERY": 1, "JUDGE_MODEL": "", "ZERO_STD_PATIENCE": 50, "SANITY_CASES": 3,
+              "MIN_SANITY_ACCURACY": 0.0},
 }
-settings = configure(globals(), PRESETS)
+settings = configure(globals(), PRESETS, stage="04_grpo")
 
 
-def requests_per_answer(s):
-    bystander = 0 if s["BYSTANDER_COEF"] <= 0 else (5 if JUDGE == "local" or s["JUDGE_MODE"] == "direct" else 1)
-    return len(s["PERSPECTIVES"]) + bystander
+# ---------------------------------------------------------------- the method: GRPO as configured here
+
+def grpo_config(s: dict, output_dir: str):
+    """TRL's GRPOConfig for PERM. Every value that changes the objective is set here explicitly:
+    Unsloth's patched config replaces several of TRL's defaults (it masks truncated answers and
+    clips higher under dapo, and picks an 8-bit optimizer with weight decay), so leaving them unset
+    would train a different objective on the GPU path than on the plain one."""
+    from trl import GRPOConfig
+    from perm.training import gradient_checkpointing, precision
+    per_step = s["PROMPTS_PER_STEP"] * s["NUM_GENERATIONS"]     # completions per device step
+    fast = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.5} if s["FAST_INFERENCE"] else {}
+    return GRPOConfig(
+        output_dir=output_dir, max_steps=s["MAX_STEPS"], learning_rate=s["LR"],
+        lr_scheduler_type="linear", warmup_steps=0.1,           # paper: 10% warmup, then linear decay
+        beta=s["BETA"],                                         # PERM: KL 0.01 (TRL's default is 0)
+        loss_type="dapo", scale_rewards="group",                # PERM: as released
+        epsilon=0.2, epsilon_high=0.2,                          # symmetric clip, TRL's default (Unsloth: 0.28)
+        mask_truncated_completions=False,                       # truncated answers still learn from the
+                                                                # length term and format floor (Unsloth: True)
+        optim="adamw_torch", weight_decay=0.0,                  # TRL's defaults (Unsloth: adamw_8bit, 0.001)
+        reward_weights=None,                                    # all 1: the coefficients live in the reward
+        num_generations=s["NUM_GENERATIONS"], temperature=s["TEMPERATURE"],
+        max_completion_length=s["MAX_COMPLETION_LENGTH"],
+        per_device_train_batch_size=per_step, gradient_accumulation_steps=s["GRAD_ACCUM"],
+        steps_per_generation=1,                                 # one generation per device step, any process count
+        logging_steps=1, save_strategy="steps", save_steps=s["SAVE_STEPS"], save_total_limit=2,
+        log_completions=False, report_to="none", seed=s["SEED"], dataloader_num_workers=0,
+        gradient_checkpointing=gradient_checkpointing(s["GRADIENT_CHECKPOINTING"]), **fast, **precision())
+
+
+def judge_requests_per_answer(s: dict, judge) -> int:
+    from perm.protocol import requests_per_answer
+    return requests_per_answer(s["PERSPECTIVES"], s["BYSTANDER_COEF"] > 0, s["JUDGE_MODE"],
+                               judge.backend.bystander_by_criteria)
+
+
+def cost_estimate(s: dict, judge, scorer, train, tok, answers: int) -> str:
+    """Judge requests and tokens for the run, from rendered judge prompts of a few training cases
+    (with their reference as the answer, counted with the policy's tokenizer)."""
+    from perm.prompts import split_sections
+    from perm.protocol import build_requests
+    sample = [c for c in train.select(range(min(8, len(train)))) if split_sections(c["reference"] or "")]
+    per_answer = judge_requests_per_answer(s, judge)
+    if not sample:
+        return f"{answers * per_answer:,} judge requests"
+    lengths = []
+    for case in sample:
+        for r in build_requests(case, *split_sections(case["reference"]), s["JUDGE_MODE"], scorer.s.perspectives,
+                                bystander=s["BYSTANDER_COEF"] > 0,
+                                bystander_by_criteria=judge.backend.bystander_by_criteria):
+            lengths.append(len(tok.apply_chat_template(r.chat(), tokenize=True)))
+    prompt = sum(lengths) / len(sample) * answers
+    out_tokens = answers * per_answer * (5 if s["JUDGE_MODE"] == "direct" else 150)
+    return (f"up to {answers * per_answer:,} judge requests, ~{prompt:,.0f} prompt tokens and "
+            f"~{out_tokens:,} completion tokens (fewer with format failures and cache hits)")
 
 
 def summary(history, scorer, judge, extra):
@@ -119,60 +191,99 @@ def summary(history, scorer, judge, extra):
 
 
 def main():
-    from perm.training import (StopGuard, Timer, grpo_config, load_policy, peak_memory_gb,
-                               reduce_across_processes)
+    from perm.training import (StopGuard, Timer, load_policy, peak_memory_gb, reduce_across_processes,
+                               world_size)
     seed_everything(SEED)
     data_dir, _ = upstream(RUNS_DIR, "data", DATA_TAG)
     adapter, sources = None, {"data": str(data_dir)}
     if INIT == "sft":
         sft_dir, sft_config = upstream(RUNS_DIR, "sft", SFT_TAG)
-        inherit(settings, sft_config["settings"], ["MODEL"], explicit_keys(globals()), f"sft/{SFT_TAG}")
+        inherit(settings, sft_config["settings"], ["MODEL"], explicit_keys(globals()), f"sft/{SFT_TAG}", globals())
         adapter, sources["sft"] = str(sft_dir / "adapter"), str(sft_dir)
     elif INIT != "base":
         sys.exit(f"error: INIT={INIT!r}; choose base or sft")
     from datasets import load_from_disk
     from transformers import TrainerCallback
     from trl import GRPOTrainer
+    from perm.models import resolve_model
+    from perm.sanity import run_battery
 
     run = StageRun(RUNS_DIR, "grpo", TAG, settings, upstream=sources, resume=RESUME)
     timer = Timer()
-    model, tok = load_policy(settings["MODEL"], RUNS_DIR, MAX_PROMPT_TOKENS + MAX_COMPLETION_LENGTH, LORA_R,
-                             LORA_ALPHA, SEED, adapter)
-    train = load_from_disk(str(data_dir / "dataset"))["train"]
+    model, tok = load_policy(MODEL, RUNS_DIR, MAX_PROMPT_TOKENS + MAX_COMPLETION_LENGTH, LORA_R, LORA_ALPHA, SEED,
+                             adapter, checkpointing=GRADIENT_CHECKPOINTING, fast_inference=FAST_INFERENCE)
+    dataset = load_from_disk(str(data_dir / "dataset"))
+    train = dataset["train"]
     fits = [len(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True)) <= MAX_PROMPT_TOKENS
             for p in train["prompt"]]
     train = train.select([i for i, ok in enumerate(fits) if ok])
     print(f"[grpo] {len(train)} prompts ({fits.count(False)} over MAX_PROMPT_TOKENS dropped); "
           f"path {'unsloth 4-bit' if USE_UNSLOTH else 'transformers + peft'}; init {INIT}")
 
-    shared = JUDGE == "local" and JUDGE_SHARES_POLICY
-    judge = judge_from_settings(settings, model=settings["MODEL"] if shared else "",
-                                local_model=(model, tok) if shared else None,
-                                context=model.disable_adapter if shared else None)
-    scorer = PermScorer(judge, RewardSettings.from_settings(settings), auto_check=False)
-    answers = MAX_STEPS * GRAD_ACCUM * PROMPTS_PER_STEP * NUM_GENERATIONS
-    print(f"[grpo] expected judge calls: up to {answers * requests_per_answer(settings):,} "
-          f"({answers:,} answers x {requests_per_answer(settings)} judgments; fewer with format failures "
-          f"and cache hits); judge {JUDGE} {'(the policy base)' if shared else JUDGE_MODEL}")
+    # PERM: the judge. "" = the policy's own base, judged with the adapters off (no second model).
+    judge_model = JUDGE_MODEL or (MODEL if JUDGE == "local" else "")
+    shared = JUDGE == "local" and resolve_model(judge_model, RUNS_DIR) == resolve_model(MODEL, RUNS_DIR)
+    judge = judge_from_settings(settings, model=judge_model, local_model=(model, tok) if shared else None)
+    reward_settings = RewardSettings.from_settings(settings)
+
+    # The judge must be fit before it trains anything: 03's battery, the same cases, cached.
+    valid = list(dataset["valid"])
+    calls_before = judge.stats.calls
+    _, sanity = run_battery(PermScorer(judge, reward_settings), valid[:SANITY_CASES] if SANITY_CASES else valid,
+                            lambda rows: [len(tok(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows])
+    print(f"[grpo] judge {JUDGE} {judge_model}{' (the policy base, adapters off)' if shared else ''}: "
+          + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in sanity.items()))
+    sanity["sanity_judge_calls"] = judge.stats.calls - calls_before      # 0 when 03 checked this judge
+    accuracy = sanity.get("sanity_accuracy")
+    if MIN_SANITY_ACCURACY > 0 and (accuracy is None or accuracy < MIN_SANITY_ACCURACY):
+        sys.exit(f"error: the judge ranked the reference above every weak answer on {accuracy} of the sanity cases, "
+                 f"below MIN_SANITY_ACCURACY={MIN_SANITY_ACCURACY}: training against it would amplify its mistakes. "
+                 f"Use a stronger judge (JUDGE_MODEL, or JUDGE=api), check it with 03_reward.py, or lower "
+                 f"MIN_SANITY_ACCURACY knowingly.")
+    if MIN_SANITY_ACCURACY <= 0:
+        print("[grpo] MIN_SANITY_ACCURACY=0: the judge gate is off (the demo presets' tiny judges cannot pass it)")
+
+    scorer = PermScorer(judge, reward_settings, auto_check=False)
+    processes = world_size()
+    answers = MAX_STEPS * GRAD_ACCUM * PROMPTS_PER_STEP * NUM_GENERATIONS * processes
+    passes = MAX_STEPS * GRAD_ACCUM * PROMPTS_PER_STEP * processes / max(1, len(train))
+    print(f"[grpo] {answers:,} answers: {cost_estimate(settings, judge, scorer, train, tok, answers)}")
+    print(f"[grpo] {passes:.1f} passes over the {len(train)} training prompts (the paper made one)"
+          + (": past a few, GRPO can memorize its prompts; add cases or lower MAX_STEPS" if passes > 3 else ""))
+
+    rank = int(os.environ.get("RANK", "0"))
+    completions_file = run.path / ("completions.jsonl" if processes == 1 else f"completions.rank{rank}.jsonl")
+    state = {"step": 0}
+
+    def record(texts, results, cases):
+        """Every scored answer of a step, appended as it is judged: a killed run keeps them."""
+        with open(completions_file, "a", encoding="utf-8") as f:
+            for text, r, case in zip(texts, results, cases):
+                f.write(json.dumps({"step": state["step"] + 1, "case_id": case.get("id"), "completion": text,
+                                    **r.columns()}, ensure_ascii=False) + "\n")
 
     class Monitor(TrainerCallback):
-        """Judge failure stop (reduced across processes) and a few answers with their scores."""
+        """The step counter for completions.jsonl, the judge failure stop (reduced across processes)
+        and a few answers with their scores."""
         reason = ""
 
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_step_begin(self, args, state_, control, **kwargs):
+            state["step"] = state_.global_step
+
+        def on_step_end(self, args, state_, control, **kwargs):
             failed, seen = reduce_across_processes(list(scorer.window_counts()))
             if seen >= 50 and failed > MAX_JUDGE_FAILURE_RATE * seen:   # 50: one bad batch cannot trip it
                 Monitor.reason = scorer.failure_message(int(failed), int(seen))
                 control.should_training_stop = True
-            if LOG_SAMPLES_EVERY and state.global_step % LOG_SAMPLES_EVERY == 0 and scorer.last:
+            if LOG_SAMPLES_EVERY and state_.global_step % LOG_SAMPLES_EVERY == 0 and scorer.last:
                 for text, r in scorer.last[:2]:
                     scores = " ".join(f"{p}={v:.2f}" for p, v in r.scores.items())
                     by = f" bystander={r.bystander:.0f}" if r.bystander is not None else ""
-                    print(f"[grpo] step {state.global_step} sample (reward {r.reward}; {scores}{by}):\n"
+                    print(f"[grpo] step {state_.global_step} sample (reward {r.reward}; {scores}{by}):\n"
                           f"{text[:400]}\n")
 
     guard = StopGuard(ZERO_STD_PATIENCE)
-    trainer = GRPOTrainer(model=model, reward_funcs=make_reward_functions(scorer),
+    trainer = GRPOTrainer(model=model, reward_funcs=make_reward_functions(scorer, on_scored=record),
                           args=grpo_config(settings, str(run.path / "checkpoints")), train_dataset=train,
                           processing_class=tok, callbacks=[guard, Monitor()])
     checkpoints = sorted((run.path / "checkpoints").glob("checkpoint-*"))
@@ -188,13 +299,14 @@ def main():
     calls, failures, hits = reduce_across_processes([judge.stats.calls, judge.stats.failures, judge.stats.cache_hits])
     metrics = summary(history, scorer, judge, {"wall_time_train_s": timer.seconds(), "peak_memory_gb": peak_memory_gb(),
                                                "judge_calls": int(calls), "judge_failures": int(failures),
-                                               "cache_hits": int(hits)})
+                                               "cache_hits": int(hits), "passes": round(passes, 2), **sanity})
     if trainer.accelerator.is_main_process:
         final = run.finish(metrics)
         print("\n[grpo] summary")
-        for key in ("steps", "reward_first_10pct", "reward_last_10pct", "format_rate", "truncation_rate",
-                    "judge_calls", "judge_failures", "cache_hits", "wall_time_train_s", "peak_memory_gb"):
-            print(f"  {key:<20} {metrics[key]}")
+        for key in ("steps", "reward_first_10pct", "reward_last_10pct", "sanity_accuracy", "format_rate",
+                    "truncation_rate", "judge_calls", "judge_failures", "cache_hits", "wall_time_train_s",
+                    "peak_memory_gb"):
+            print(f"  {key:<20} {metrics.get(key)}")
         print(f"[grpo] wrote {final}")
 
 

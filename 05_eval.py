@@ -5,15 +5,17 @@ base, SFT and GRPO where they exist) it samples EVAL_SAMPLES answers per test-sp
 identical prompts and seed, scores every answer with the *eval* judge (EVAL_JUDGE*; the report says
 plainly when it equals the judge the model was trained against), and aggregates per model: each
 perspective, bystander, combined reward, format rate, length, truncation and judge failures, each
-with a bootstrap 95% interval over cases; paired per-case differences between models; and a blind
-pairwise preference against REFERENCE (every pair judged in both orders; a win only when both
-orders agree, else a tie). Unformatted answers are judged whole, so format and empathy are reported
-apart (METHOD.md section 6).
+with a bootstrap 95% interval over cases; the judged scores and reward per need kind too (safety
+called out on its own); paired per-case differences between models; and a blind pairwise
+preference against REFERENCE (every pair judged in both orders; a win only when both orders agree,
+else a tie). Unformatted answers are judged whole, so format and empathy are reported apart
+(docs/method.md, "Evaluation").
 
 Writes runs/eval/<TAG>/: report.md (tables to paste into a paper, settings, judges, answers side by
 side), perspectives.png, preference.png, grpo_curves.png (when a GRPO run is evaluated),
 generations/ (a dataset in the answers format with every score), preferences/, metrics.json
-(`<model>/<metric>` with `_ci_low`/`_ci_high`, `<model>_vs_<REFERENCE>/win|tie|loss`).
+(`<model>/<metric>` with `_ci_low`/`_ci_high`, `<model>/kind/<need_kind>/<metric>` likewise and
+`<model>/kind/<need_kind>/cases`, `<model>_vs_<REFERENCE>/win|tie|loss`).
 
 Run:   python 05_eval.py                                   # base vs SFT vs GRPO of TAG default
        python 05_eval.py MODELS='{"base": "Qwen/Qwen2.5-1.5B-Instruct", "perm": "runs/grpo/default"}' \
@@ -23,8 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-from perm.evaluation import (fmt, model_rows_metrics, plot_grpo_curves, plot_perspectives, plot_preferences,
-                             preference_metrics, preference_pairs, resolve_models, summarize, verdict)
+from perm.evaluation import (BY_KIND, fmt, model_rows_metrics, need_kinds, plot_grpo_curves, plot_perspectives,
+                             plot_preferences, preference_metrics, preference_pairs, resolve_models, summarize,
+                             summarize_by_kind, verdict)
 from perm.judges import judge_from_settings
 from perm.reward import PermScorer, RewardSettings
 from perm.runs import StageRun, seed_everything, upstream
@@ -51,10 +54,11 @@ PAIRWISE = True                # the blind pairwise preference
 SAMPLES_IN_REPORT = 3          # cases shown with every model's answer side by side
 # the eval judge: its own settings, ideally not the judge the model was trained against
 EVAL_JUDGE = "local"
-EVAL_JUDGE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+EVAL_JUDGE_MODEL = "Qwen/Qwen2.5-14B-Instruct"
 EVAL_JUDGE_BASE_URL = ""
 EVAL_JUDGE_MODE = "direct"
 EVAL_JUDGE_TEMPERATURE = 0.3
+EVAL_JUDGE_TOP_P = 0.9
 EVAL_JUDGE_CONCURRENCY = 32
 EVAL_JUDGE_BATCH_SIZE = 8
 EVAL_JUDGE_TIMEOUT = 60.0
@@ -70,12 +74,13 @@ LENGTH_COEF = 0.001
 PRESETS = {
     "cpu": {"MODEL": "smollm2-135m", "EVAL_JUDGE_MODEL": "smollm2-135m", "EVAL_SAMPLES": 1, "MAX_CASES": 8,
             "MAX_NEW_TOKENS": 320, "LENGTH_LIMIT": 280, "EVAL_JUDGE_BATCH_SIZE": 4},
-    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
+    # the eval judges are larger than the training judges (gpu16 trains against a 7B, gpu24 its own 7B base)
+    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-14B-Instruct"},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-14B-Instruct"},
     "smoke": {"MODEL": "tiny", "EVAL_JUDGE_MODEL": "tiny", "EVAL_SAMPLES": 2, "MAX_CASES": 4, "MAX_NEW_TOKENS": 48,
               "LENGTH_LIMIT": 40, "BOOTSTRAP_RESAMPLES": 200},
 }
-settings = configure(globals(), PRESETS)
+settings = configure(globals(), PRESETS, stage="05_eval")
 
 
 def generate(models, cases):
@@ -113,10 +118,39 @@ def training_judges(models):
         config = m["run_config"]
         if config and config["stage"] == "grpo":
             s = config["settings"]
-            shared = s["JUDGE"] == "local" and s.get("JUDGE_SHARES_POLICY")
-            out[name] = {"backend": s["JUDGE"], "model": s["MODEL"] if shared else s["JUDGE_MODEL"],
+            out[name] = {"backend": s["JUDGE"], "model": s.get("JUDGE_MODEL") or s["MODEL"],
                          "base_url": s.get("JUDGE_BASE_URL", "")}
     return out
+
+
+def safety_line(metrics, names):
+    """One sentence on the safety kind: a risk signal, where an average over every case would hide a failure."""
+    have = [n for n in names if metrics.get(f"{n}/kind/safety/cases")]
+    if not have:
+        return "**Safety:** the test split (as evaluated) has no safety cases, so safety is not measured here."
+    return "**Safety** (reward on cases with a risk signal): " + "; ".join(
+        f"{n} {fmt(metrics, f'{n}/kind/safety/reward')} over {metrics[f'{n}/kind/safety/cases']} cases"
+        for n in have) + "."
+
+
+def by_kind_section(metrics, rows_by_model, names):
+    """Reward per need kind for every model, then each model's perspectives per kind."""
+    kinds = need_kinds(rows_by_model)
+    lines = ["", "## Results by need kind", "", safety_line(metrics, names), "",
+             "Reward per need kind, bootstrap 95% intervals over that kind's cases (few cases: wide intervals).", "",
+             "| need kind | cases | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for k in kinds:
+        count = next((metrics[f"{n}/kind/{k}/cases"] for n in names if f"{n}/kind/{k}/cases" in metrics), 0)
+        lines.append(f"| {k} | {count} | " + " | ".join(fmt(metrics, f"{n}/kind/{k}/reward") for n in names) + " |")
+    perspectives = [m for m in BY_KIND if m != "reward"]
+    for n in names:
+        lines += ["", f"Perspectives of {n} per need kind (1-5, bystander 0-100):", "",
+                  "| need kind | " + " | ".join(perspectives) + " |", "|---" * (len(perspectives) + 1) + "|"]
+        for k in kinds:
+            if f"{n}/kind/{k}/cases" in metrics:
+                lines.append(f"| {k} | " + " | ".join(fmt(metrics, f"{n}/kind/{k}/{m}", 2) for m in perspectives)
+                             + " |")
+    return lines
 
 
 def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curves):
@@ -128,7 +162,7 @@ def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curv
              f"Eval judge: `{EVAL_JUDGE}` `{EVAL_JUDGE_MODEL}` ({EVAL_JUDGE_MODE} mode"
              + (f", {EVAL_JUDGE_BASE_URL}" if EVAL_JUDGE_BASE_URL else "") + ").", "", *judges_note, "",
              f"Means with bootstrap 95% intervals over cases ({BOOTSTRAP_RESAMPLES} resamples, seed {SEED}). "
-             "Perspectives 1-5, bystander 0-100, reward = harmonic-mean empathy/5 + bystander term + length term. "
+             f"Perspectives 1-5, bystander 0-100, reward = {COMBINE}-combined empathy/5 + bystander term + length term. "
              "Unformatted answers are judged whole.", "",
              "## PERM scores", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for n in names:
@@ -149,6 +183,7 @@ def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curv
             if n != REFERENCE and f"{n}_vs_{REFERENCE}/win" in metrics:
                 lines.append(f"| {n} | " + " | ".join(fmt(metrics, f"{n}_vs_{REFERENCE}/{k}") for k in ("win", "tie", "loss"))
                              + f" | {metrics[f'{n}_vs_{REFERENCE}/pairs']} |")
+    lines += by_kind_section(metrics, rows_by_model, names)
     lines += ["", "## Plots", "", "![perspectives](perspectives.png)"]
     lines += ["", "![preference](preference.png)"] if outcomes else []
     lines += ["", "![GRPO reward curves](grpo_curves.png)"] if has_curves else []
@@ -186,6 +221,7 @@ def main():
         score(scorer, rows)
     scorer.check_failure_rate(final=True)
     metrics = summarize(rows_by_model, BOOTSTRAP_RESAMPLES, SEED)
+    metrics.update(summarize_by_kind(rows_by_model, BOOTSTRAP_RESAMPLES, SEED))
 
     outcomes = []
     if PAIRWISE and len(models) > 1:

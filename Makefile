@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup setup-gpu run test
+.PHONY: setup setup-gpu run test gpu-check
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -31,3 +31,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)
+
+# On a CUDA machine: does each GPU preset fit, and how fast is it (random-weight models, no hub).
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py $(ARGS)

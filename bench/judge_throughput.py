@@ -2,7 +2,7 @@
 
 What it measures: `Judge.judge(requests)` from `perm.judges.make_judge("api", ...)`, i.e. cache-key
 hashing, the SQLite cache lookup and store, the HTTP request through AsyncOpenAI and the parsing of
-the reply, against `perm.fake_openai` (run as a separate process, so it does not share this GIL),
+the reply, against `tests/fake_openai.py` (run as a separate process, so it does not share this GIL),
 which answers every request after exactly `--latency` seconds. For each concurrency C it sends
 N = C * per_slot distinct judgments (real cases from data/cases.jsonl, each answer made unique by a
 counter, so nothing is a cache hit) and reports throughput N / elapsed as a ratio to the ideal
@@ -37,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from perm.judges import build_requests, make_judge  # noqa: E402
+from perm.judges import make_judge  # noqa: E402
+from perm.protocol import build_requests  # noqa: E402
 from perm.prompts import split_sections  # noqa: E402
 
 MODEL = "fake-judge"
@@ -45,9 +46,9 @@ KEY = "placeholder"  # the fake server accepts any key
 
 
 def start_server(latency: float):
-    """`python -m perm.fake_openai LATENCY` in its own process; returns (process, base_url)."""
+    """`python tests/fake_openai.py LATENCY` in its own process; returns (process, base_url)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "perm.fake_openai", str(latency)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_openai.py"), str(latency)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, text=True)
     url = proc.stdout.readline().strip()
     if not url.startswith("http"):

@@ -1,7 +1,7 @@
 """Seeker cases: the input formats, row validation, stable ids, deduplication, splits, data card.
 
-Formats (METHOD.md section 1), detected per file from the first row's keys:
-  case    the project's own JSONL (CONVENTIONS.md)
+Formats (docs/method.md, "Cases"), detected per file from the first row's keys:
+  case    the project's own JSONL (docs/method.md, "File formats")
   perm    upstream PERM JSONL: persona.identity, scenario, dialogue[0]
   rlver   RLVER/SAGE seeker profiles: player, scene, task, first_talk (Chinese)
   esconv  ESConv conversations: situation, problem_type, dialog (or HF's one-JSON-string `text`)
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 NEED_KINDS = ("not_at_fault", "grow", "balanced_view", "deep_empathy", "vent", "others_motives",
-              "practical_advice", "praise")
+              "practical_advice", "praise", "safety")
 FIELDS = ("id", "persona", "scenario", "query", "hidden_need", "need_kind", "category", "reference",
           "source", "lang")
 REQUIRED = ("persona", "scenario", "query")
@@ -301,27 +301,46 @@ def deduplicate(found: list[tuple[str, dict]]) -> tuple[list[dict], list[tuple[s
 
 # ---------------------------------------------------------------- splits
 
-def split_cases(cases: list[dict], valid_fraction: float, test_fraction: float, seed: int) -> dict:
-    """Deterministic stratified split: within each need kind (else category), cases are ordered by
-    a seeded hash of their id; test and valid take their share (at least one each from a group of
-    three or more), train the rest. Same ids + seed → same split, whatever the input order."""
+def _strata(cases: list[dict], seed: int) -> list[list[dict]]:
+    """Cases grouped by need kind (else category), each group in a seeded hash order of its ids."""
     groups = defaultdict(list)
     for case in cases:
         groups[case["need_kind"] or case["category"] or "all"].append(case)
+    return [sorted(groups[name], key=lambda c: hashlib.sha256(f"{seed}:{c['id']}".encode()).hexdigest())
+            for name in sorted(groups)]
+
+
+def _interleave(groups: list[list[dict]]) -> list[dict]:
+    """Round robin over the groups, so any prefix of the result spans every kind."""
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
+def select_cases(cases: list[dict], max_cases: int, seed: int) -> list[dict]:
+    """A sample of `max_cases` cases balanced over the need kinds (equal numbers per kind while each
+    kind lasts), or all of them."""
+    if not max_cases or max_cases >= len(cases):
+        return cases
+    return _interleave(_strata(cases, seed))[:max_cases]
+
+
+def split_cases(cases: list[dict], valid_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Deterministic stratified split: within each need kind (else category), cases are ordered by
+    a seeded hash of their id; test and valid take their share (at least one each from a group of
+    three or more), train the rest. Same ids + seed → same split, whatever the input order. Each
+    split is ordered round robin over the kinds, so its first N cases (03's and 04's sanity battery,
+    a MAX_CASES sample) span every kind."""
     splits = {"train": [], "valid": [], "test": []}
-    for name in sorted(groups):
-        group = sorted(groups[name], key=lambda c: hashlib.sha256(f"{seed}:{c['id']}".encode()).hexdigest())
+    parts = {name: [] for name in splits}
+    for group in _strata(cases, seed):
         n = len(group)
         n_test, n_valid = round(n * test_fraction), round(n * valid_fraction)
         if n >= 3:
             n_test = max(n_test, 1 if test_fraction > 0 else 0)
             n_valid = max(n_valid, 1 if valid_fraction > 0 else 0)
-        splits["test"] += group[:n_test]
-        splits["valid"] += group[n_test:n_test + n_valid]
-        splits["train"] += group[n_test + n_valid:]
-    for rows in splits.values():
-        rows.sort(key=lambda c: c["id"])
-    return splits
+        parts["test"].append(group[:n_test])
+        parts["valid"].append(group[n_test:n_test + n_valid])
+        parts["train"].append(group[n_test + n_valid:])
+    return {name: _interleave(groups) for name, groups in parts.items()}
 
 
 # ---------------------------------------------------------------- data card
@@ -368,7 +387,7 @@ def card_markdown(card: dict) -> str:
 # ---------------------------------------------------------------- answers JSONL
 
 def load_answers(path: str) -> list[dict]:
-    """Rows of an answers JSONL (CONVENTIONS.md): case fields, `case_id`, `id`, `completion`,
+    """Rows of an answers JSONL (docs/method.md, "File formats"): case fields, `case_id`, `id`, `completion`,
     optional `model`. A malformed row raises RowError naming `file:line`."""
     if not Path(path).is_file():
         raise RowError(f"{path}: answers file not found")

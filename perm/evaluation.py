@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from perm.judges import preference_request
+from perm.cases import NEED_KINDS
+from perm.protocol import preference_request
 
 METRICS = ("resonation", "expression", "reception", "bystander", "reward", "format_rate", "completion_tokens",
            "truncation_rate", "judge_failures")
 PAIRED = ("resonation", "expression", "reception", "bystander", "reward")
+BY_KIND = PAIRED               # the judged scores; format and length are reported overall only
 
 
 def resolve_models(spec: dict, runs_dir, base_model: str, sft_tag: str, grpo_tag: str) -> dict:
@@ -83,6 +85,38 @@ def summarize(rows_by_model: dict, resamples: int, seed: int) -> dict:
                 mean, lo, hi = bootstrap(diffs, resamples, seed)
                 key = f"{b}_minus_{a}/{metric}"
                 metrics[key], metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = mean, lo, hi
+    return metrics
+
+
+def need_kind(row: dict) -> str:
+    """A row's need kind; a missing one (None or "") is "unknown"."""
+    return row.get("need_kind") or "unknown"
+
+
+def need_kinds(rows_by_model: dict) -> list[str]:
+    """The need kinds present in any model's rows, in NEED_KINDS order (others sorted, "unknown" last)."""
+    present = {need_kind(r) for rows in rows_by_model.values() for r in rows}
+    return ([k for k in NEED_KINDS if k in present] + sorted(present - {*NEED_KINDS, "unknown"})
+            + (["unknown"] if "unknown" in present else []))
+
+
+def summarize_by_kind(rows_by_model: dict, resamples: int, seed: int) -> dict:
+    """`<model>/kind/<need_kind>/<metric>` with `_ci_low`/`_ci_high`, and `<model>/kind/<need_kind>/cases`.
+
+    The same per-case means as summarize, with cases resampled within each kind (same resamples and
+    seed), so a kind's interval reflects how few cases it has."""
+    metrics = {}
+    for name, rows in rows_by_model.items():
+        by_kind = defaultdict(list)
+        for r in rows:
+            by_kind[need_kind(r)].append(r)
+        for kind in need_kinds({name: rows}):
+            mine = by_kind[kind]
+            for metric in BY_KIND:
+                mean, lo, hi = bootstrap(list(per_case(mine, metric).values()), resamples, seed)
+                key = f"{name}/kind/{kind}/{metric}"
+                metrics[key], metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = mean, lo, hi
+            metrics[f"{name}/kind/{kind}/cases"] = len({r["case_id"] for r in mine})
     return metrics
 
 

@@ -1,7 +1,9 @@
-"""Sampling answers from a policy (plain path): batched, left-padded, stopping at end of turn."""
+"""Sampling answers from a policy: batched, left-padded, stopping at end of turn, in inference state."""
 from __future__ import annotations
 
 import torch
+
+from perm.models import inference_state
 
 
 @torch.no_grad()
@@ -14,15 +16,24 @@ def sample_answers(model, tok, prompts: list[list[dict]], n: int, max_new_tokens
     flat = [p for p in prompts for _ in range(n)]
     texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in flat]
     out = []
+    with inference_state(model):
+        for batch in _batches(model, tok, texts, batch_size, max_new_tokens, temperature, eos):
+            out += batch
+    return [out[k * n:(k + 1) * n] for k in range(len(prompts))]
+
+
+def _batches(model, tok, texts, batch_size, max_new_tokens, temperature, eos):
+    device = next(model.parameters()).device
     for i in range(0, len(texts), batch_size):
         enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
+        enc = {k: v.to(device) for k, v in enc.items()}
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                              temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
                              eos_token_id=sorted(eos), pad_token_id=tok.pad_token_id)
+        batch = []
         for row in gen[:, enc["input_ids"].shape[1]:].tolist():
             ended = next((k for k, t in enumerate(row) if t in eos), None)
             ids = row[:ended] if ended is not None else row
-            out.append({"text": tok.decode(ids, skip_special_tokens=True).strip(),
-                        "completion_tokens": len(ids) + (ended is not None), "truncated": ended is None})
-    return [out[k * n:(k + 1) * n] for k in range(len(prompts))]
+            batch.append({"text": tok.decode(ids, skip_special_tokens=True).strip(),
+                          "completion_tokens": len(ids) + (ended is not None), "truncated": ended is None})
+        yield batch

@@ -11,6 +11,7 @@ per process where Unsloth is importable and CUDA is available.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ CHATML_TEMPLATE = (
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
 TINY_STEPS = 300    # training steps of the tiny model on short answers (a few seconds)
+TINY_CASES = 160    # library cases its tokenizer and training see (balanced over the need kinds)
 
 
 def resolve_model(name: str, runs_dir) -> str:
@@ -58,16 +60,17 @@ def _build_atomically(folder: Path, build) -> None:
 # ---------------------------------------------------------------- tiny
 
 def _tiny_examples() -> list[tuple[list[dict], str]]:
-    """(policy prompt, short two-section answer) pairs from the bundled references."""
+    """(policy prompt, short two-section answer) pairs from a sample of the bundled references."""
+    from perm.cases import select_cases
     from perm.prompts import format_answer, policy_prompt, split_sections
-    examples = []
     with open(REPO_DIR / "data" / "cases.jsonl", encoding="utf-8") as f:
-        for line in f:
-            case = json.loads(line)
-            sections = split_sections(case.get("reference", ""))
-            if sections:
-                first = [" ".join(s.split()[:8]).rstrip(".,;") + "." for s in sections]
-                examples.append((policy_prompt(case), format_answer(*first)))
+        cases = [json.loads(line) for line in f if line.strip()]
+    examples = []
+    for case in select_cases(cases, TINY_CASES, TINY_SEED):
+        sections = split_sections(case.get("reference", ""))
+        if sections:
+            first = [" ".join(s.split()[:8]).rstrip(".,;") + "." for s in sections]
+            examples.append((policy_prompt(case), format_answer(*first)))
     return examples
 
 
@@ -162,14 +165,75 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(name: str, runs_dir, adapter: str | None = None, dtype=None):
-    """(model, tokenizer) on the plain path, with a LoRA adapter folder applied when given."""
+def gpu_dtype():
+    """The compute dtype of this machine's GPU: bf16 from compute capability 8.0 (Ampere) on, fp16
+    before (a T4 is 7.5). torch's `is_bf16_supported()` counts emulation and says yes on a T4."""
     import torch
+    return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+
+
+def inference_kwargs(quantize: bool = True) -> dict:
+    """from_pretrained arguments for a model that only infers (a judge, a teacher, an evaluated
+    policy): on CUDA, on the GPU in 4-bit NF4 (bitsandbytes) with the GPU's compute dtype, or in that
+    dtype unquantized with `quantize=False`; fp32 on the CPU without CUDA (bitsandbytes 4-bit on a
+    CPU breaks, and fp16 there is slow)."""
+    import torch
+    if not torch.cuda.is_available():
+        return {"dtype": torch.float32}
+    dtype = gpu_dtype()
+    kwargs = {"dtype": dtype, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}   # one GPU per process
+    if quantize:
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True)
+    return kwargs
+
+
+def model_precision(model) -> str:
+    """How a loaded model computes, for the judge cache key: e.g. "4bit-bfloat16", "float32"."""
+    import torch
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    quantized = getattr(model, "is_loaded_in_4bit", False) or any(
+        type(m).__name__ == "Linear4bit" for m in model.modules())
+    return f"{'4bit-' if quantized else ''}{str(dtype).replace('torch.', '')}"
+
+
+@contextlib.contextmanager
+def inference_state(model):
+    """Run a model for inference whatever state training left it in, and restore that state after:
+    eval mode (with Unsloth, `for_inference`, which also switches its gradient checkpointing off;
+    transformers' checkpointed layers drop a KV cache in training mode), and logits rather than
+    Unsloth's hidden-states shortcut from the forward."""
+    from perm import USE_UNSLOTH
+    was_training = model.training
+    hidden = os.environ.pop("UNSLOTH_RETURN_HIDDEN_STATES", None)
+    if USE_UNSLOTH:
+        from unsloth import FastLanguageModel
+        FastLanguageModel.for_inference(model)
+    else:
+        model.eval()
+    try:
+        yield model
+    finally:
+        if hidden is not None:
+            os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = hidden
+        if was_training:
+            if USE_UNSLOTH:
+                from unsloth import FastLanguageModel
+                FastLanguageModel.for_training(model)
+            else:
+                model.train()
+
+
+def load_model(name: str, runs_dir, adapter: str | None = None, quantize: bool = True):
+    """(model, tokenizer) for inference, in eval mode: on the GPU in 4-bit where there is one
+    (`inference_kwargs`), fp32 on the CPU; with a LoRA adapter folder applied when given."""
     from transformers import AutoModelForCausalLM
     path = resolve_model(name, runs_dir)
     has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
     tok = load_tokenizer(adapter if has_tokenizer else path)   # stages save it beside their adapters
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, **inference_kwargs(quantize))
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from perm.runs import PROMPTS_DIR
 
-# PERM: the policy's two-section answer (METHOD.md section 2)
+# PERM: the policy's two-section answer (docs/method.md, "The answer")
 ANALYSIS_HEADING = "# Analysis"
 RESPONSE_HEADING = "# Response"
 ROLE_LINE = re.compile(r"^<<<(system|user|assistant)>>>\s*$", re.MULTILINE)
@@ -54,23 +54,26 @@ def render(name: str, **values) -> list[dict]:
     return [{"role": role, "content": template.format(**values)} for role, template in messages]
 
 
-def policy_prompt(case: dict) -> list[dict]:
+def policy_prompt(case: dict, name: str = "policy") -> list[dict]:
     """The policy's chat prompt for a case: persona, scenario and query only (never the hidden need
-    or the reference)."""
-    return render("policy", persona=case["persona"], scenario=case["scenario"], query=case["query"],
+    or the reference). `name` picks the prompt file: `policy` (the paper's: a warm, empathetic
+    assistant writing the two sections) or `policy_guided` (also names what the judges reward)."""
+    return render(name, persona=case["persona"], scenario=case["scenario"], query=case["query"],
                   analysis_heading=ANALYSIS_HEADING, response_heading=RESPONSE_HEADING)
 
 
 _HEADING = re.compile(
-    r"^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(analysis|response)[ \t]*:?[ \t]*(?:\*\*|__)?[ \t]*:?[ \t]*$",
+    r"^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(analysis|response)[ \t]*(?:\*\*|__)?[ \t]*"
+    r"(?::[ \t]*(?:\*\*|__)?[ \t]*(?:$|(?=\S))|$)",   # alone on its line, or `Analysis: text` inline
     re.IGNORECASE | re.MULTILINE)
 
 
 def split_sections(text: str) -> tuple[str, str] | None:
     """(analysis, response) of a two-section answer, or None when it is a format failure.
 
-    Tolerates `#`/`##`/bold headings, any case and a trailing colon. The first Analysis heading and
-    the first Response heading after it count; both sections must have content.
+    Tolerates `#`/`##`/bold headings, any case, a trailing colon, and text on the heading's own line
+    after a colon (`# Analysis: she is sad`). The first Analysis heading and the first Response
+    heading after it count; both sections must have content.
     """
     analysis_at = response_at = None
     for m in _HEADING.finditer(text):
@@ -92,6 +95,3 @@ def split_sections(text: str) -> tuple[str, str] | None:
 def format_answer(analysis: str, response: str) -> str:
     return f"{ANALYSIS_HEADING}\n{analysis.strip()}\n{RESPONSE_HEADING}\n{response.strip()}"
 
-
-def word_count(text: str) -> int:
-    return len(text.split())

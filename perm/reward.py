@@ -1,4 +1,4 @@
-"""The PERM reward: judge every answer from four sides and combine (METHOD.md section 4).
+"""The PERM reward: judge every answer from four sides and combine (docs/method.md, "Reward").
 
     R = R_empathy + R_bystander + R_length
     R_empathy   = COMBINE(resonation, expression, reception) / 5              in [0.2, 1]
@@ -14,7 +14,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from perm.judges import BYSTANDER_CRITERIA, PERSPECTIVES, Judge, build_requests, criterion_to_points
+from perm.judges import Judge
+from perm.protocol import BYSTANDER_CRITERIA, PERSPECTIVES, build_requests
 from perm.prompts import split_sections
 
 COMBINE_MODES = ("harmonic", "mean", "geometric", "weighted")
@@ -79,6 +80,11 @@ def empathy_term(scores: dict, mode: str, weights: dict | None = None) -> float:
 
 def bystander_term(bystander: float, coef: float) -> float:
     return coef * (bystander / 100.0 - 1.0)
+
+
+def criterion_to_points(score: float) -> float:
+    """A 1-5 criterion rating mapped linearly to the paper's 0-20 sub-score (direct mode)."""
+    return (score - 1.0) / 4.0 * 20.0
 
 
 def length_term(completion_tokens: int, limit: int, coef: float) -> float:
@@ -214,9 +220,10 @@ def completion_text(completion) -> str:
     return completion
 
 
-def make_reward_functions(scorer: PermScorer) -> list:
+def make_reward_functions(scorer: PermScorer, on_scored=None) -> list:
     """[empathy_reward, bystander_reward, length_reward] in TRL's shape; one judging pass per batch,
-    shared by the three (the first call judges, the others read the memo)."""
+    shared by the three (the first call judges, the others read the memo). `on_scored(texts,
+    results, cases)` sees every newly judged batch (04 writes them to completions.jsonl)."""
     memo: dict = {}
 
     def scored(completions, completion_ids, kwargs) -> list[Scored]:
@@ -228,11 +235,14 @@ def make_reward_functions(scorer: PermScorer) -> list:
             if len(memo) > 4096:
                 memo.clear()
             index = {k: n for n, k in enumerate(keys)}
-            cases = [{f: kwargs[f][index[k]] for f in ("persona", "scenario", "query", "hidden_need") if f in kwargs}
+            cases = [{f: kwargs[f][index[k]] for f in ("id", "persona", "scenario", "query", "hidden_need") if f in kwargs}
                      for k in missing]
             lengths = [len(completion_ids[index[k]]) if completion_ids is not None else 0 for k in missing]
-            for key, result in zip(missing, scorer.score(cases, [k[1] for k in missing], lengths)):
+            results = scorer.score(cases, [k[1] for k in missing], lengths)
+            for key, result in zip(missing, results):
                 memo[key] = result
+            if on_scored:
+                on_scored([k[1] for k in missing], results, cases)
         return [memo[k] for k in keys]
 
     def empathy_reward(prompts=None, completions=None, completion_ids=None, **kwargs):

@@ -105,8 +105,9 @@ def upstream(runs_dir, stage: str, tag: str) -> tuple[Path, dict]:
     return path, read_json(path / "config.json")
 
 
-def inherit(settings: dict, upstream_settings: dict, keys, explicit: set, source: str) -> dict:
-    """Take `keys` from an upstream stage's settings unless set explicitly; print what happened."""
+def inherit(settings: dict, upstream_settings: dict, keys, explicit: set, source: str, namespace=None) -> dict:
+    """Take `keys` from an upstream stage's settings unless set explicitly; print what happened.
+    `namespace` (a stage's globals) is updated too, so its constants and its settings agree."""
     for key in keys:
         if key not in upstream_settings or key not in settings:
             continue
@@ -116,6 +117,8 @@ def inherit(settings: dict, upstream_settings: dict, keys, explicit: set, source
                 print(f"[inherit] {key} = {settings[key]!r} overrides {theirs!r} from {source}")
         elif settings[key] != theirs:
             settings[key] = theirs
+            if namespace is not None:
+                namespace[key] = theirs
             print(f"[inherit] {key} = {theirs!r} from {source}")
     return settings
 

@@ -10,14 +10,17 @@ import random
 import re
 
 from perm.cases import NEED_KINDS, RowError, validate
-from perm.judges import Judge, text_request
+from perm.judges import Judge
+from perm.protocol import text_request
 from perm.prompts import render
 
 NEED_DESCRIPTIONS = {
     "not_at_fault": "wants to hear they did nothing wrong", "grow": "wants to be guided to reflect and grow",
     "balanced_view": "wants a fair analysis of both sides", "deep_empathy": "wants their feeling truly understood",
     "vent": "wants to be listened to", "others_motives": "wants to understand why others acted as they did",
-    "practical_advice": "wants help that works", "praise": "wants sincere recognition of what they did"}
+    "practical_advice": "wants help that works", "praise": "wants sincere recognition of what they did",
+    "safety": "shows a risk signal (self-harm, abuse, a medical emergency) and needs to be kept safe and "
+              "connected to help"}
 CASE_KEYS = ("persona", "scenario", "query", "hidden_need")
 SYNTH_TEMPERATURE = 0.9
 SYNTH_MAX_TOKENS = 600

@@ -9,83 +9,79 @@ from __future__ import annotations
 import math
 import os
 import time
+from importlib.util import find_spec
 
 import torch
 from transformers import TrainerCallback
 
 from perm import USE_UNSLOTH
-from perm.models import load_tokenizer, resolve_model
+from perm.models import gpu_dtype, inference_kwargs, load_tokenizer, resolve_model
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def precision() -> dict:
-    """bf16 where the GPU has it, fp16 on older GPUs (T4), fp32 on CPU."""
+    """Mixed precision for a TRL config: bf16 on a GPU of compute capability 8.0 or later, fp16 on
+    older ones (a T4 is 7.5: torch counts emulated bf16 as supported there), fp32 on the CPU."""
     if not torch.cuda.is_available():
         return {"use_cpu": True, "bf16": False, "fp16": False}
-    if torch.cuda.is_bf16_supported():
-        return {"bf16": True, "fp16": False}
-    return {"bf16": False, "fp16": True}
+    bf16 = gpu_dtype() == torch.bfloat16
+    return {"bf16": bf16, "fp16": not bf16}
+
+
+def gradient_checkpointing(setting) -> bool:
+    """GRADIENT_CHECKPOINTING: None = on with CUDA (memory), off on the CPU (speed); or forced."""
+    return torch.cuda.is_available() if setting is None else bool(setting)
 
 
 def load_policy(name: str, runs_dir, max_seq_length: int, lora_r: int, lora_alpha: int, seed: int,
-                adapter: str | None = None):
-    """(PEFT model, tokenizer) ready for a TRL trainer (pass no peft_config): a 4-bit base with LoRA
-    through Unsloth, or the full-precision base (fp32 on CPU) with LoRA through PEFT; with `adapter`,
-    that SFT adapter loaded trainable. With adapters disabled the model is its own base, which 04
-    can use as the local judge without a second copy in memory."""
+                adapter: str | None = None, checkpointing: bool | None = None, fast_inference: bool = False):
+    """(PEFT model, tokenizer) ready for a TRL trainer (pass no peft_config), in training state: a
+    4-bit base with LoRA through Unsloth; on the plain path a 4-bit base on a GPU (QLoRA, the same
+    weights a local judge of this base is checked with in 03) or fp32 on the CPU, with LoRA through
+    PEFT. With `adapter`, that SFT adapter loaded trainable. With adapters disabled the model is its
+    own base, which 04 uses as the local judge without a second copy in memory.
+
+    `fast_inference` (04's FAST_INFERENCE) follows Unsloth's GRPO recipe: a vLLM engine beside the
+    model for rollouts (half the GPU's memory, LoRA up to this rank); TRL's colocate vLLM on the
+    plain path. Either needs `pip install vllm`."""
+    checkpointing = gradient_checkpointing(checkpointing)
+    if fast_inference and find_spec("vllm") is None:
+        raise SystemExit("error: FAST_INFERENCE=True needs vLLM: pip install vllm (README, 'Fast rollouts')")
     path = resolve_model(name, runs_dir)
     if USE_UNSLOTH:
         from unsloth import FastLanguageModel
+        fast = {"fast_inference": True, "max_lora_rank": lora_r, "gpu_memory_utilization": 0.5} if fast_inference else {}
         model, tok = FastLanguageModel.from_pretrained(adapter or path, max_seq_length=max_seq_length,
-                                                       load_in_4bit=True, dtype=None)
+                                                       load_in_4bit=True, dtype=None, **fast)
         if adapter is None:
             model = FastLanguageModel.get_peft_model(model, r=lora_r, lora_alpha=lora_alpha,
                                                      target_modules=LORA_TARGETS, lora_dropout=0.0,
-                                                     use_gradient_checkpointing="unsloth", random_state=seed)
+                                                     use_gradient_checkpointing="unsloth" if checkpointing else False,
+                                                     random_state=seed)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
         return model, tok
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
-    dtype = torch.float32 if not torch.cuda.is_available() else (
-        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    from peft import get_peft_model
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **inference_kwargs(quantize=True))
+    if torch.cuda.is_available():
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.gradient_checkpointing_enable()
     tok = load_tokenizer(adapter or path)
     if adapter:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True), tok
-    targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
-    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config), tok
-
-
-def sft_config(s: dict, output_dir: str):
-    from trl import SFTConfig
-    return SFTConfig(
-        output_dir=output_dir, max_length=s["MAX_SEQ_LENGTH"], num_train_epochs=s["EPOCHS"],
-        max_steps=s["MAX_STEPS"] or -1, per_device_train_batch_size=s["BATCH_SIZE"],
-        gradient_accumulation_steps=s["GRAD_ACCUM"], learning_rate=s["LR"], lr_scheduler_type="cosine",
-        warmup_steps=0.1, logging_steps=1, save_strategy="no", report_to="none", seed=s["SEED"],
-        completion_only_loss=True,            # the loss sees the answer (and its end-of-turn token) only
-        gradient_checkpointing=torch.cuda.is_available(), dataloader_num_workers=0, **precision())
-
-
-def grpo_config(s: dict, output_dir: str):
-    from trl import GRPOConfig
-    per_step = s["PROMPTS_PER_STEP"] * s["NUM_GENERATIONS"]
-    return GRPOConfig(
-        output_dir=output_dir, max_steps=s["MAX_STEPS"], learning_rate=s["LR"], lr_scheduler_type="constant_with_warmup",
-        warmup_steps=0.1, beta=s["BETA"],                       # PERM: KL 0.01, set explicitly (TRL's default is 0)
-        num_generations=s["NUM_GENERATIONS"], per_device_train_batch_size=per_step,
-        gradient_accumulation_steps=s["GRAD_ACCUM"], generation_batch_size=per_step,
-        max_completion_length=s["MAX_COMPLETION_LENGTH"], temperature=s["TEMPERATURE"],
-        loss_type="dapo", scale_rewards="group",                # PERM: as released
-        reward_weights=None,                                    # all 1: the coefficients live in the reward
-        logging_steps=1, save_strategy="steps", save_steps=s["SAVE_STEPS"], save_total_limit=2,
-        log_completions=False, report_to="none", seed=s["SEED"], gradient_checkpointing=torch.cuda.is_available(),
-        dataloader_num_workers=0, **precision())
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    else:
+        targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
+                            task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    if checkpointing:
+        model.enable_input_require_grads()       # checkpointed LoRA layers need a grad-carrying input
+    model.train()
+    return model, tok
 
 
 def reduce_across_processes(values: list[float]) -> list[float]:

@@ -4,8 +4,9 @@ import json
 import pytest
 
 from conftest import REPO, run_stage
-from perm.fake_openai import FakeJudgeServer
-from perm.judges import build_requests, make_judge
+from fake_openai import FakeJudgeServer
+from perm.judges import make_judge
+from perm.protocol import build_requests
 from perm.reward import JudgeFailureRateExceeded, PermScorer, RewardSettings
 
 CASES = [json.loads(line) for line in (REPO / "data" / "cases.jsonl").read_text().splitlines()[:12]]
@@ -34,11 +35,17 @@ def test_failing_server_still_finishes_with_every_failure_retried_or_counted(tmp
         results = judge.judge(requests_for(CASES))
     injected = sum(server.injected.values())
     assert all(server.injected[k] > 0 for k in ("500", "429", "hang", "noscore")), server.injected
-    failed = sum(r.score is None for r in results)
     # every injected failure cost one attempt that was retried, or ended in a counted failure
     assert judge.stats.retries + judge.stats.failures >= injected
-    assert judge.stats.failures == failed
     assert judge.stats.calls == server.requests == len(results) + judge.stats.retries
+
+
+def test_a_server_that_always_fails_gives_counted_failures_after_every_retry(tmp_path):
+    with FakeJudgeServer(failure_rate=1.0, failures=("500",), persistent=True) as server:
+        judge = api_judge(server, tmp_path, concurrency=8, retries=2)
+        results = judge.judge(requests_for(CASES[:2]))
+    assert len(results) == 16 and all(r.score is None and r.error == "HTTP 500" for r in results)
+    assert judge.stats.failures == 16 and judge.stats.retries == 32 and server.requests == 48
 
 
 def test_identical_run_sends_zero_requests(tmp_path):
@@ -76,7 +83,7 @@ def test_quoted_score_in_the_reply_never_becomes_the_score(tmp_path):
 
 
 def test_failure_rate_stop(tmp_path):
-    with FakeJudgeServer(failure_rate=1.0, failures=("500",)) as server:
+    with FakeJudgeServer(failure_rate=1.0, failures=("500",), persistent=True) as server:
         scorer = PermScorer(api_judge(server, tmp_path, retries=0), RewardSettings(max_failure_rate=0.2))
         scorer.score(CASES[:2], [c["reference"] for c in CASES[:2]], [100, 100])
         with pytest.raises(JudgeFailureRateExceeded) as e:
@@ -93,7 +100,7 @@ def test_reward_stage_with_api_judge_never_writes_the_key(runs_dir, tmp_path):
                 f.write(json.dumps(dict(c, case_id=c["id"], id=f"{c['id']}/{k}", completion=text)) + "\n")
     run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
     with FakeJudgeServer(latency=0.01) as server:
-        proc = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", f"ANSWERS={answers}", "JUDGE=api",
+        proc = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", f"ANSWERS={answers}", "JUDGE=api", "JUDGE_MODEL=fake-judge",
                          f"JUDGE_BASE_URL={server.base_url}", "JUDGE_MODE=reasoned", "MAX_CASES=2",
                          env={"JUDGE_API_KEY": key})
     assert f"Bearer {key}" in server.auth_headers                     # the key was used ...
@@ -109,7 +116,8 @@ def test_reward_stage_with_api_judge_never_writes_the_key(runs_dir, tmp_path):
 TWO_PROCESS_SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
-from perm.judges import build_requests, make_judge
+from perm.judges import make_judge
+from perm.protocol import build_requests
 cases = [json.loads(l) for l in open({cases!r}).read().splitlines()[:6]]
 judge = make_judge("api", "fake-judge", {tmp!r}, "direct", 0.3, base_url={url!r}, concurrency=4,
                    cache_path={cache!r})

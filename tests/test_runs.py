@@ -40,8 +40,10 @@ def test_missing_or_unfinished_upstream_names_the_script(tmp_path):
 
 def test_inherit_takes_upstream_values_unless_explicit(capsys):
     mine = {"MODEL": "tiny", "MAX_LEN": 256}
-    inherit(mine, {"MODEL": "smollm2-135m", "MAX_LEN": 512}, ["MODEL", "MAX_LEN"], {"MAX_LEN"}, "sft/x")
+    stage_globals = dict(mine)
+    inherit(mine, {"MODEL": "smollm2-135m", "MAX_LEN": 512}, ["MODEL", "MAX_LEN"], {"MAX_LEN"}, "sft/x", stage_globals)
     assert mine == {"MODEL": "smollm2-135m", "MAX_LEN": 256}
+    assert stage_globals == mine                     # the stage's constants and its settings agree
     out = capsys.readouterr().out
     assert "MODEL = 'smollm2-135m' from sft/x" in out and "MAX_LEN = 256 overrides 512" in out
 

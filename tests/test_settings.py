@@ -1,6 +1,14 @@
-"""Settings: the override typing rules, presets versus explicit settings, SMOKE."""
+"""Settings: the override typing rules, presets versus edits and explicit settings, SMOKE, help."""
+import json
+import re
+import runpy
+import sys
+from types import SimpleNamespace
+from unittest import mock
+
 import pytest
 
+from conftest import REPO
 from perm.settings import SettingsError, configure, parse_value
 
 
@@ -54,11 +62,12 @@ def test_arguments_without_equals_are_ignored():
     assert ns["TAG"] == "x"
 
 
-def test_preset_fills_only_unset_settings(capsys):
+def test_named_preset_wins_over_file_constants_and_prints_every_change(capsys):
     ns = stage()
     configure(ns, PRESETS, ["PRESET=cpu", "LR=3e-4"])
     assert ns["STEPS"] == 20 and ns["LR"] == 3e-4 and ns["PRESET"] == "cpu"
-    assert "override LR = 0.0003" in capsys.readouterr().out  # every override is printed
+    out = capsys.readouterr().out
+    assert "preset cpu: STEPS: 10 -> 20" in out and "LR: 1e-05 -> 0.0003 (command line)" in out
 
 
 def test_smoke_wins_over_preset_and_explicit_wins_over_smoke():
@@ -70,12 +79,91 @@ def test_smoke_wins_over_preset_and_explicit_wins_over_smoke():
     assert ns["STEPS"] == 5
 
 
-def test_auto_is_cpu_without_cuda():
+def test_preset_none_applies_nothing():
     ns = stage()
-    configure(ns, PRESETS, [])
-    assert ns["PRESET"] == "cpu" and ns["STEPS"] == 20
+    configure(ns, PRESETS, ["PRESET=none"])
+    assert ns["STEPS"] == 10 and ns["LR"] == 1e-5
 
 
 def test_bad_preset_name_exits():
     with pytest.raises(SettingsError):
         configure(stage(), PRESETS, ["PRESET=gpu8"])
+
+
+def edited_stage(tmp_path, script, edits):
+    """A copy of a stage with some constants edited, as a user edits a Colab copy."""
+    source = (REPO / script).read_text()
+    for key, value in edits.items():
+        source = re.sub(rf"^{key} = .*$", f"{key} = {value!r}", source, count=1, flags=re.MULTILINE)
+    copy = tmp_path / script
+    copy.write_text(source)
+    return copy
+
+
+def run_copy(path, argv=()):
+    with mock.patch.object(sys, "argv", [str(path), *argv]):
+        return runpy.run_path(str(path), run_name="not_main")["settings"]
+
+
+@pytest.mark.parametrize("host", ["cpu", "cuda16"])
+def test_an_edited_constant_survives_the_automatic_preset(host, tmp_path, monkeypatch, capsys):
+    import torch
+    if host == "cuda16":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=16 * 1024**3))
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    edits = {"MODEL": "my/model", "NUM_GENERATIONS": 4, "MAX_COMPLETION_LENGTH": 300, "JUDGE_MODEL": "my/judge"}
+    s = run_copy(edited_stage(tmp_path, "04_grpo.py", edits))
+    assert {k: s[k] for k in edits} == edits                       # the edits run, whatever the machine
+    assert s["PRESET"] == ("cpu" if host == "cpu" else "gpu16")
+    out = capsys.readouterr().out
+    assert "keeps your edited MODEL = 'my/model'" in out
+    if host == "cpu":                                                # unedited settings still follow the preset
+        assert s["MAX_STEPS"] == 4 and "preset cpu (auto): MAX_STEPS: 200 -> 4" in out
+    named = run_copy(edited_stage(tmp_path, "04_grpo.py", edits), ["PRESET=cpu"])
+    assert named["MODEL"] == "smollm2-135m"                           # a named preset wins over the file
+
+
+def test_a_stage_reads_only_its_own_constants_from_a_shared_namespace():
+    """Pasting 03 and then 04 into one notebook: 03's leftovers are neither read nor saved."""
+    namespace = {"SAMPLES_PER_CASE": 4, "SANITY_CASES": 6, "TAG": "from-03"}
+    cell = "TAG = 'default'\nSTEPS = 3\nfrom perm.settings import configure\nsettings = configure(globals(), {}, [])\n"
+    exec(compile(cell, "<cell>", "exec"), namespace)
+    assert namespace["settings"] == {"TAG": "default", "STEPS": 3}
+    with pytest.raises(SettingsError, match="SAMPLES_PER_CASE"):
+        exec(compile(cell.replace("[]", "['SAMPLES_PER_CASE=2']"), "<cell>", "exec"), dict(namespace))
+
+
+def test_help_lists_every_setting_with_its_comment(capsys):
+    with mock.patch.object(sys, "argv", ["04_grpo.py", "HELP=True", "PRESET=none"]), pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "04_grpo.py"), run_name="not_main")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    from perm.settings import read_constants
+    for key in read_constants(REPO / "04_grpo.py"):
+        assert f"  {key} = " in out, key
+    assert "MIN_SANITY_ACCURACY = 0.75  # stop before step 1" in out
+
+
+def test_shipped_settings_record_matches_the_stage_files():
+    """perm/shipped_settings.json is how an automatic preset tells an edit from a shipped value;
+    after changing a constant, run `python -m perm.settings`."""
+    from perm.settings import SHIPPED, snapshot
+    assert json.loads(SHIPPED.read_text()) == json.loads(json.dumps(snapshot(REPO)))
+
+
+def test_shared_judge_defaults_agree_across_stages():
+    """One value per judge setting; 02's teacher writes whole answers, hence its own budget."""
+    from perm.settings import read_constants
+    stages = {f: read_constants(REPO / f) for f in ("01_build_data.py", "02_sft.py", "03_reward.py", "04_grpo.py")}
+    writers = {"JUDGE_TEMPERATURE", "JUDGE_TIMEOUT", "JUDGE_BATCH_SIZE", "JUDGE_MODEL"}   # writing, not judging
+    for key in ("JUDGE", "JUDGE_BASE_URL", "JUDGE_MODE", "JUDGE_TEMPERATURE", "JUDGE_TOP_P", "JUDGE_CONCURRENCY",
+                "JUDGE_BATCH_SIZE", "JUDGE_TIMEOUT", "JUDGE_RETRIES", "JUDGE_CACHE", "MAX_JUDGE_FAILURE_RATE",
+                "SANITY_CASES"):
+        values = {f: c[key]["value"] for f, c in stages.items() if key in c
+                  and not (f in ("01_build_data.py", "02_sft.py") and key in writers)}
+        assert len({json.dumps(v) for v in values.values()}) <= 1, (key, values)
+    eval_stage = read_constants(REPO / "05_eval.py")
+    for key in ("TIMEOUT", "RETRIES", "CONCURRENCY", "BATCH_SIZE", "TOP_P"):
+        assert eval_stage[f"EVAL_JUDGE_{key}"]["value"] == stages["04_grpo.py"][f"JUDGE_{key}"]["value"], key

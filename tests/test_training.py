@@ -11,42 +11,38 @@ import transformers.training_args as targs
 from conftest import REPO, run_stage
 
 
-def stage_settings(script, preset, smoke=False):
-    """A stage's resolved settings for a preset, read the way the stage reads them."""
+def stage(script, preset, smoke=False, **overrides):
+    """A stage's namespace (settings and functions) for a preset, read the way the stage reads it."""
     import runpy
     from unittest import mock
-    argv = [script, f"PRESET={preset}"] + (["SMOKE=True"] if smoke else [])
+    argv = [script, f"PRESET={preset}"] + (["SMOKE=True"] if smoke else []) + [f"{k}={v}" for k, v in overrides.items()]
     with mock.patch.object(sys, "argv", argv):
-        return runpy.run_path(str(REPO / script), run_name="not_main")["settings"]
+        return runpy.run_path(str(REPO / script), run_name="not_main")
 
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu16", "gpu24"])
-def test_sft_and_grpo_configs_validate_against_the_pinned_trl(preset, monkeypatch, tmp_path):
+def test_sft_config_validates_against_the_pinned_trl(preset, monkeypatch, tmp_path):
     from perm import training
     if preset.startswith("gpu"):   # build the GPU configs as a CUDA machine with bf16 would
         monkeypatch.setattr(training, "precision", lambda: {"bf16": True, "fp16": False})
         monkeypatch.setattr(targs, "is_torch_bf16_gpu_available", lambda: True)
-    sft = training.sft_config(stage_settings("02_sft.py", preset), str(tmp_path))
-    grpo_settings = stage_settings("04_grpo.py", preset)
-    grpo = training.grpo_config(grpo_settings, str(tmp_path))
-    assert sft.completion_only_loss and sft.max_length == stage_settings("02_sft.py", preset)["MAX_SEQ_LENGTH"]
-    assert grpo.beta == 0.01 and grpo.loss_type == "dapo" and grpo.scale_rewards == "group"
-    assert grpo.num_generations == grpo_settings["NUM_GENERATIONS"]
-    assert grpo.generation_batch_size % grpo.num_generations == 0
-    assert grpo.max_completion_length == grpo_settings["MAX_COMPLETION_LENGTH"]
-    assert grpo.bf16 == preset.startswith("gpu") and grpo.use_cpu == (preset == "cpu")
+    sft_stage = stage("02_sft.py", preset)
+    sft = sft_stage["sft_config"](sft_stage["settings"], str(tmp_path))
+    assert sft.completion_only_loss and sft.max_length == sft_stage["settings"]["MAX_SEQ_LENGTH"]
+    assert sft.optim == "adamw_torch" and sft.weight_decay == 0.0      # not Unsloth's 8-bit default
+    assert sft.bf16 == preset.startswith("gpu") and sft.use_cpu == (preset == "cpu")
 
 
 def test_sft_labels_keep_the_end_of_turn_token(runs_dir):
     from datasets import Dataset
     from trl import SFTTrainer
-    from perm.training import load_policy, sft_config
-    s = stage_settings("02_sft.py", "cpu", smoke=True)
+    from perm.training import load_policy
+    sft_stage = stage("02_sft.py", "cpu", smoke=True)
     model, tok = load_policy("tiny", runs_dir, 1024, 4, 8, 0)
     example = {"prompt": [{"role": "user", "content": "hello there"}],
                "completion": [{"role": "assistant", "content": "# Analysis\nA.\n# Response\nB."}]}
-    trainer = SFTTrainer(model=model, args=sft_config(s, str(runs_dir / "x")), processing_class=tok,
-                         train_dataset=Dataset.from_list([example]))
+    trainer = SFTTrainer(model=model, args=sft_stage["sft_config"](sft_stage["settings"], str(runs_dir / "x")),
+                         processing_class=tok, train_dataset=Dataset.from_list([example]))
     row = trainer.train_dataset[0]
     labelled = [t for t in row["labels"] if t != -100]
     assert tok.convert_tokens_to_ids("<|im_end|>") in labelled                  # the model learns to stop
@@ -59,8 +55,8 @@ def test_smoke_pipeline_01_02_04_logs_every_term_and_perspective(runs_dir):
     sft = json.loads((runs_dir / "sft" / "default" / "metrics.json").read_text())
     assert {"base_format_rate", "sft_format_rate", "truncation_rate"} <= set(sft)
     assert (runs_dir / "sft" / "default" / "adapter" / "adapter_config.json").exists()
-    proc = run_stage("04_grpo.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
-    assert "expected judge calls" in proc.stdout and "[inherit] MODEL" not in proc.stdout
+    proc = run_stage("04_grpo.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "GRADIENT_CHECKPOINTING=True")
+    assert "judge requests" in proc.stdout and "passes over the" in proc.stdout and "[inherit] MODEL" not in proc.stdout
     out = runs_dir / "grpo" / "default"
     history = json.loads((out / "log_history.json").read_text())
     steps = [e for e in history if "reward" in e]
@@ -72,7 +68,15 @@ def test_smoke_pipeline_01_02_04_logs_every_term_and_perspective(runs_dir):
             assert f"perspective/{p}" in entry, p
         assert 1 <= entry["perspective/resonation"] <= 5 and 0 <= entry["perspective/bystander"] <= 100
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["judge_calls"] > 0 and metrics["judge_failures"] == 0
+    assert metrics["judge_calls"] > 0 and metrics["judge_failures"] == 0 and metrics["sanity_cases"] == 3
+    assert 0 <= metrics["sanity_accuracy"] <= 1 and "sanity_beats_mismatched" in metrics
+    # every scored answer is on disk, and in the training state distinct answers got distinct bystander scores
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {1, 2} and all("bystander_accuracy" in r and "reward" in r for r in rows)
+    for step in (1, 2):
+        judged = {r["completion"]: tuple(r[k] for k in r if k.startswith("bystander_")) for r in rows
+                  if r["step"] == step and r["formatted"]}
+        assert len(set(judged.values())) == len(judged), "distinct answers got identical bystander sub-scores"
     assert {"reward_first_10pct", "reward_last_10pct", "format_rate", "truncation_rate", "peak_memory_gb"} <= set(metrics)
     assert (out / "adapter" / "adapter_config.json").exists() and not (runs_dir / "grpo" / "default.partial").exists()
 
@@ -93,6 +97,25 @@ def test_killed_grpo_run_resumes_and_finishes(runs_dir):
     assert "resuming from checkpoint-" in done.stdout
     history = json.loads((runs_dir / "grpo" / "r" / "log_history.json").read_text())
     assert [e["step"] for e in history if "reward" in e][-1] == 4
+
+
+def test_reward_stage_then_grpo_checks_the_same_judge_from_the_cache(runs_dir):
+    run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
+    run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
+    reward = json.loads((runs_dir / "reward" / "default" / "metrics.json").read_text())
+    run_stage("04_grpo.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "INIT=base", "MAX_STEPS=1")
+    grpo = json.loads((runs_dir / "grpo" / "default" / "metrics.json").read_text())
+    assert grpo["sanity_judge_calls"] == 0                          # 03 already paid for every judgment
+    assert grpo["sanity_accuracy"] == reward["sanity_accuracy"]
+
+
+def test_grpo_stops_before_training_when_the_judge_fails_the_battery(runs_dir):
+    run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
+    proc = run_stage("04_grpo.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "INIT=base", "MIN_SANITY_ACCURACY=1.01",
+                     check=False)
+    assert proc.returncode != 0 and "MIN_SANITY_ACCURACY=1.01" in proc.stdout
+    assert not (runs_dir / "grpo" / "default").exists()
+    assert not list((runs_dir / "grpo" / "default.partial").glob("checkpoints/checkpoint-*"))
 
 
 def test_init_sft_without_an_sft_run_names_02(runs_dir):

@@ -37,7 +37,7 @@ PORT = 8000
 BACKEND = "auto"               # auto (vllm when importable and CUDA is there) | vllm | transformers
 MAX_NEW_TOKENS = 1024          # cap per request
 
-settings = configure(globals())
+settings = configure(globals(), stage="serve")
 
 
 def adapter_and_base():
@@ -88,17 +88,31 @@ def serve_transformers(base: str, adapter: str | None):
     web.run_app(app, host=HOST, port=PORT, print=None)
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_command(base: str, adapter: str | None) -> list[str]:
+    """`vllm serve` for the base (an alias resolved to its folder) plus the adapter. vLLM caps LoRA
+    ranks at 16 unless told otherwise, so the adapter's own rank is passed."""
+    from perm.models import resolve_model
+    path = resolve_model(base, RUNS_DIR)
+    command = ["vllm", "serve", path, "--host", HOST, "--port", str(PORT), "--served-model-name", base]
+    if adapter:
+        rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+        allowed = next(r for r in VLLM_LORA_RANKS if r >= rank)          # vLLM accepts only these
+        command += ["--enable-lora", "--lora-modules", f"{NAME}={adapter}", "--max-lora-rank", str(allowed)]
+    return command
+
+
 def main():
     base, adapter = adapter_and_base()
     use_vllm = BACKEND == "vllm" or (BACKEND == "auto" and shutil.which("vllm") is not None
                                      and __import__("torch").cuda.is_available())
     if use_vllm:
-        command = ["vllm", "serve", base, "--host", HOST, "--port", str(PORT), "--served-model-name", base]
-        if adapter:
-            command += ["--enable-lora", "--lora-modules", f"{NAME}={adapter}"]
+        command = vllm_command(base, adapter)
         print("[serve] " + " ".join(command), flush=True)
         os.execvp(command[0], command)
-    serve_transformers(base, adapter)
+    serve_transformers(base, adapter)   # on the GPU in 4-bit where there is one (perm.models.load_model)
 
 
 if __name__ == "__main__":

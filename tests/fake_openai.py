@@ -22,11 +22,13 @@ FAILURES = ("500", "429", "hang", "noscore")
 
 class FakeJudgeServer:
     def __init__(self, latency: float = 0.0, failure_rate: float = 0.0, failures=FAILURES, score: int = 4,
-                 hang_seconds: float = 30.0, seed: int = 0, quote_candidate: bool = False, preference: str = "longer"):
+                 hang_seconds: float = 30.0, seed: int = 0, quote_candidate: bool = False, preference: str = "longer",
+                 persistent: bool = False):
         self.latency, self.failure_rate, self.failures = latency, failure_rate, tuple(failures)
         self.score, self.hang_seconds, self.quote_candidate = score, hang_seconds, quote_candidate
         self.preference = preference   # pairwise: "longer" answer wins, or always "A" (a position bias)
         self.random = random.Random(seed)
+        self.persistent = persistent   # False: a prompt fails at most once, so a retry succeeds
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -75,7 +77,7 @@ class FakeJudgeServer:
             prompt = json.dumps(body["messages"])
             # Each distinct prompt fails at most once, so a retry can succeed: every failure is
             # then either retried into a success or counted.
-            if self.failure_rate and prompt not in self._failed_once and self.random.random() < self.failure_rate:
+            if self.failure_rate and (self.persistent or prompt not in self._failed_once) and self.random.random() < self.failure_rate:
                 self._failed_once.add(prompt)
                 kind = self.random.choice(self.failures)
                 self.injected[kind] += 1
@@ -140,7 +142,7 @@ class FakeJudgeServer:
 
 
 def main() -> None:
-    """`python -m perm.fake_openai LATENCY [FAILURE_RATE]`: serve until killed; prints the base URL."""
+    """`python tests/fake_openai.py LATENCY [FAILURE_RATE]`: serve until killed; prints the base URL."""
     import sys
     latency = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
     failure_rate = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
