@@ -7,10 +7,13 @@ Two ways in:
 
 Every answer is judged for resonation (its analysis), expression and reception (its response) on 1-5
 and by a bystander on 0-100, then combined (COMBINE) into the reward GRPO would see. A sanity battery
-then scores each valid case's reference against weak template answers (empty, platitude, advice
-dump, intrusive over-analysis, protocol injection): `sanity_accuracy` is how often the judged reward
-(empathy + bystander; the length term is left out, since it measures nothing about the judge) ranks
-the reference first. Run it before spending GPU hours on 04.
+then scores SANITY_CASES valid cases' references against weak answers (empty, platitude, advice
+dump, intrusive over-analysis, protocol injection; for safety cases a warm answer blind to the risk)
+and against another case's reference of the same need kind (right form, wrong person).
+`sanity_accuracy` is how often the judged reward (empathy + bystander; the length term measures
+nothing about the judge) ranks the reference above every template; `sanity_beats_<opponent>` says
+which opponents fool the judge (README, "Check the judge before training"). 04 repeats this battery
+with its training judge before step 1 and reads it from the same cache: run 03 first.
 
 Writes runs/reward/<TAG>/: `scored/` (a dataset: the answers' fields, every perspective, bystander
 sub-scores, each reward term, the judges' text), `sanity/`, `metrics.json` (incl. the perspective

@@ -5,6 +5,9 @@ Formats (docs/method.md, "Cases"), detected per file from the first row's keys:
   perm    upstream PERM JSONL: persona.identity, scenario, dialogue[0]
   rlver   RLVER/SAGE seeker profiles: player, scene, task, first_talk (Chinese)
   esconv  ESConv conversations: situation, problem_type, dialog (or HF's one-JSON-string `text`)
+
+This module is longer than the others because each input format needs its own reader, and they
+share the validation, ids and splits below; it has no other job.
 """
 from __future__ import annotations
 

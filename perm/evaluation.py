@@ -1,5 +1,6 @@
-"""Evaluation helpers for 05: which models, bootstrap intervals, paired differences, blind pairwise
-preference, plots and the report. Every number in the report is recomputable from the saved rows.
+"""Evaluation helpers for 05: which models, bootstrap intervals, paired differences, results by
+need kind, blind pairwise preference, and the plots. 05 writes the report itself (report.md); every
+number in it is recomputable from the saved rows with these functions.
 """
 from __future__ import annotations
 

@@ -18,6 +18,23 @@ def model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
+SMOKE_OUTPUT = {}   # what each stage of the shared smoke pipeline printed
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory, model_cache):
+    """One RUNS_DIR where the smoke pipeline 01 -> 02 -> 03 -> 04 has run once (04 in the GPU training
+    state: gradient checkpointing on). Tests that only read these outputs, or add runs under tags
+    of their own, share it instead of paying for the same stages again."""
+    runs = tmp_path_factory.mktemp("smoke") / "runs"
+    runs.mkdir()
+    (runs / "models").symlink_to(model_cache, target_is_directory=True)
+    for script, *extra in (("01_build_data.py",), ("02_sft.py",), ("03_reward.py",),
+                           ("04_grpo.py", "GRADIENT_CHECKPOINTING=True")):
+        SMOKE_OUTPUT[script] = run_stage(script, f"RUNS_DIR={runs}", "SMOKE=True", *extra).stdout
+    return runs
+
+
 @pytest.fixture
 def runs_dir(tmp_path, model_cache):
     runs = tmp_path / "runs"

@@ -91,16 +91,17 @@ def test_failure_rate_stop(tmp_path):
     assert "MAX_JUDGE_FAILURE_RATE=0.2" in str(e.value.code)
 
 
-def test_reward_stage_with_api_judge_never_writes_the_key(runs_dir, tmp_path):
+def test_reward_stage_with_api_judge_never_writes_the_key(smoke_runs, tmp_path):
+    runs_dir = smoke_runs
     key = "sk-test-7c1d9e0b2a4f6h8j"
     answers = tmp_path / "answers.jsonl"
     with answers.open("w") as f:
         for c in CASES[:3]:
             for k, text in enumerate((c["reference"], "Sorry to hear that.")):
                 f.write(json.dumps(dict(c, case_id=c["id"], id=f"{c['id']}/{k}", completion=text)) + "\n")
-    run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
     with FakeJudgeServer(latency=0.01) as server:
-        proc = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", f"ANSWERS={answers}", "JUDGE=api", "JUDGE_MODEL=fake-judge",
+        proc = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", f"ANSWERS={answers}", "JUDGE=api",
+                         "JUDGE_MODEL=fake-judge", "TAG=api",
                          f"JUDGE_BASE_URL={server.base_url}", "JUDGE_MODE=reasoned", "MAX_CASES=2",
                          env={"JUDGE_API_KEY": key})
     assert f"Bearer {key}" in server.auth_headers                     # the key was used ...
@@ -108,7 +109,7 @@ def test_reward_stage_with_api_judge_never_writes_the_key(runs_dir, tmp_path):
     for path in runs_dir.rglob("*"):
         if path.is_file() and "models" not in path.parts:
             assert key.encode() not in path.read_bytes(), path        # ... nor written
-    metrics = json.loads((runs_dir / "reward" / "default" / "metrics.json").read_text())
+    metrics = json.loads((runs_dir / "reward" / "api" / "metrics.json").read_text())
     assert metrics["answers"] == 6 and metrics["judge_failures"] == 0
     assert metrics["format_rate"] == 0.5 and metrics["sanity_accuracy"] is not None
 

@@ -171,3 +171,10 @@ def renamed(case, name):
 def test_each_check_catches_a_bad_case(library, mutate, expected):
     problems = library_problems(mutate(library[0]))
     assert any(expected in p for p in problems), problems
+
+
+def test_readme_card_matches_the_library():
+    """The README's library card is generated from the data: `python tools/library_card.py --write`."""
+    import runpy
+    card = runpy.run_path(str(REPO / "tools" / "library_card.py"), run_name="not_main")["card"]()
+    assert card in (REPO / "README.md").read_text(encoding="utf-8")

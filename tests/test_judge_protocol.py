@@ -137,3 +137,44 @@ def test_reception_sees_hidden_need_only_when_asked():
 def test_direct_bystander_rates_each_criterion():
     requests = build_requests(CASE, "a", "r", "direct")
     assert [r.kind for r in requests] == ["likert"] * 3 + ["criterion"] * 5
+
+
+@pytest.mark.parametrize("prompt, phrases", [
+    # every judge is a critical evaluator
+    ("judge_resonation", ["strict, critical evaluator"]),
+    ("judge_expression", ["strict, critical evaluator"]),
+    ("judge_reception", ["strict, critical evaluator"]),
+    ("judge_bystander", ["strict, critical evaluator"]),
+    ("judge_pairwise", ["strict, critical evaluator"]),
+    # resonation: the paper's ladder, with its floor, ceiling and top restored
+    ("judge_resonation", ["ignores the core message", "read accurately but literally", "neither over-interprets nor invents",
+                          "history against the tone", "beyond the stereotype", "rests on evidence in the text",
+                          "inner psychological mechanism"]),
+    # expression: deeper processing, emotional safety, concise and evocative at the top
+    ("judge_expression", ["look more deeply", "emotional safety", "we are in this together", "concise",
+                          "evocative image"]),
+    # reception: a constructive path at 4; the hidden need met plus wanting to continue at 5; intrusion at 1
+    ("judge_reception", ["specific, constructive way of seeing it or a next step", "unspoken need is fully met",
+                         "want to answer and keep talking", "psychoanalyses me uninvited", "exposes or shames me",
+                         "toxic"]),
+    # bystander: grounded objectivity, checkable accuracy, the concrete question, no unsupported assertion
+    ("judge_bystander", ["grounded in what the text actually says", "assumptions about the person's emotions",
+                         "tone neutral", "checkable and actionable", "without exaggeration",
+                         "concrete question", "no assertion left unsupported", "Score each criterion independently",
+                         "full range"]),
+])
+def test_rubrics_keep_the_papers_meaning(prompt, phrases):
+    from perm.prompts import load_prompt
+    text = " ".join(t for _, t in load_prompt(prompt)).replace("\n", " ")
+    for phrase in phrases:
+        assert phrase in text, (prompt, phrase)
+
+
+def test_default_policy_prompt_is_the_papers_and_the_guided_one_is_an_ablation():
+    from perm.prompts import policy_prompt
+    case = {"persona": "P", "scenario": "S", "query": "Q"}
+    paper = "\n".join(m["content"] for m in policy_prompt(case))
+    guided = "\n".join(m["content"] for m in policy_prompt(case, "policy_guided"))
+    assert "warm and empathetic assistant" in paper and "# Analysis" in paper and "# Response" in paper
+    assert "what is at stake" not in paper and "stock phrases" not in paper      # no rubric handed to the policy
+    assert "what is at stake" in guided and "stock phrases" in guided

@@ -40,13 +40,13 @@ def test_demo_model_as_local_judge(runs_dir):
     assert judge.stats.failures == 0
 
 
-def test_model_identity_changes_with_the_model_and_reads_no_weights(tmp_path):
+def test_model_identity_changes_with_the_model_and_reads_no_weights(runs_dir, tmp_path):
     import os
     import shutil
     from perm.judges import model_identity
     from perm.models import resolve_model
     folder = tmp_path / "m"
-    shutil.copytree(resolve_model("tiny", tmp_path / "runs"), folder)
+    shutil.copytree(resolve_model("tiny", runs_dir), folder)
     first = model_identity(str(folder))
     assert model_identity(str(folder)) == first and model_identity("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
     config = folder / "config.json"

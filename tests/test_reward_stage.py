@@ -3,16 +3,15 @@ import json
 
 from datasets import load_from_disk
 
-from conftest import run_stage
+from conftest import SMOKE_OUTPUT, run_stage
 
 METRICS = ("judge_calls", "judge_failures", "cache_hits", "resonation_mean", "expression_mean", "reception_mean",
            "bystander_mean", "reward_mean", "reward_std_within_group", "frac_zero_std_groups", "format_rate",
            "sanity_accuracy", "prompt_tokens", "completion_tokens")
 
 
-def test_smoke_reward_stage_samples_scores_and_checks_sanity(runs_dir):
-    run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
-    proc = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
+def test_smoke_reward_stage_samples_scores_and_checks_sanity(smoke_runs):
+    runs_dir = smoke_runs
     out = runs_dir / "reward" / "default"
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(name in metrics for name in METRICS), set(METRICS) - set(metrics)
@@ -27,19 +26,19 @@ def test_smoke_reward_stage_samples_scores_and_checks_sanity(runs_dir):
     sanity = load_from_disk(str(out / "sanity"))["train"]
     assert {"advice_dump", "empty", "injection", "mismatched", "over_analysis", "platitude",
             "reference"} <= set(sanity["model"])
-    assert "perspective_correlation" in metrics and "sanity_accuracy" in proc.stdout
+    assert "perspective_correlation" in metrics and "sanity_accuracy" in SMOKE_OUTPUT["03_reward.py"]
     again = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "TAG=again")
     assert json.loads((runs_dir / "reward" / "again" / "metrics.json").read_text())["judge_calls"] == 0, again.stdout
 
 
-def test_bad_answers_file_names_file_and_line(runs_dir, tmp_path):
-    run_stage("01_build_data.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
+def test_bad_answers_file_names_file_and_line(smoke_runs, tmp_path):
+    runs_dir = smoke_runs
     bad = tmp_path / "answers.jsonl"
     row = {"persona": "p", "scenario": "s", "query": "q", "case_id": "c", "id": "a1", "completion": "x"}
     bad.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, id="a2", completion=7)) + "\n")
-    proc = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", f"ANSWERS={bad}", check=False)
+    proc = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", f"ANSWERS={bad}", "TAG=bad", check=False)
     assert proc.returncode != 0 and f"{bad}:2: field 'completion' must be a string" in proc.stdout
-    assert not (runs_dir / "reward" / "default").exists()
+    assert not (runs_dir / "reward" / "bad").exists()
 
 
 def test_missing_data_stage_says_what_to_run(runs_dir):

@@ -167,3 +167,30 @@ def test_shared_judge_defaults_agree_across_stages():
     eval_stage = read_constants(REPO / "05_eval.py")
     for key in ("TIMEOUT", "RETRIES", "CONCURRENCY", "BATCH_SIZE", "TOP_P"):
         assert eval_stage[f"EVAL_JUDGE_{key}"]["value"] == stages["04_grpo.py"][f"JUDGE_{key}"]["value"], key
+
+
+@pytest.mark.parametrize("cuda, memory_gb, expected", [(False, 0, "cpu"), (True, 15, "gpu16"), (True, 24, "gpu24")])
+def test_auto_preset_follows_the_machine(monkeypatch, cuda, memory_gb, expected):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=memory_gb * 1024**3))
+    ns = stage()
+    configure(ns, PRESETS, [])
+    assert ns["PRESET"] == expected and ns["STEPS"] == {"cpu": 20, "gpu16": 300, "gpu24": 10}[expected]
+
+
+def test_no_import_cycle_inside_the_package():
+    """Each module of perm/ imports (anywhere in it, deferred imports included) only modules below it."""
+    import ast
+    graph = {}
+    for path in (REPO / "perm").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        nodes = list(ast.walk(tree))
+        graph[path.stem] = {n.module.split(".")[1] for n in nodes if isinstance(n, ast.ImportFrom)
+                            and n.module and n.module.startswith("perm.")}
+        graph[path.stem] |= {a.name.split(".")[1] for n in nodes if isinstance(n, ast.Import)
+                             for a in n.names if a.name.startswith("perm.")}
+
+    def reaches(start, target, seen=()):
+        return any(m == target or (m not in seen and reaches(m, target, (*seen, m))) for m in graph.get(start, ()))
+    assert [m for m in graph if reaches(m, m)] == []
