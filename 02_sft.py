@@ -26,6 +26,7 @@ import sys
 
 from perm import USE_UNSLOTH
 from perm.cases import RowError, load_answers
+from perm.models import chat_length
 from perm.prompts import policy_prompt, split_sections
 from perm.runs import StageRun, seed_everything, upstream
 from perm.settings import configure
@@ -120,7 +121,7 @@ def examples_from_source(train, tok, data_settings):
     examples = []
     for prompt, answer in pairs:
         messages = prompt + [{"role": "assistant", "content": answer}]
-        if len(tok.apply_chat_template(messages, tokenize=True)) > MAX_SEQ_LENGTH:
+        if chat_length(tok, messages) > MAX_SEQ_LENGTH:
             dropped["over MAX_SEQ_LENGTH"] = dropped.get("over MAX_SEQ_LENGTH", 0) + 1
             continue
         examples.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]})

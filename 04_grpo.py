@@ -42,6 +42,7 @@ import sys
 
 from perm import USE_UNSLOTH
 from perm.judges import judge_from_settings
+from perm.models import chat_length
 from perm.protocol import PERSPECTIVES as ALL_PERSPECTIVES
 from perm.reward import JudgeFailureRateExceeded, PermScorer, RewardSettings, make_reward_functions
 from perm.runs import StageRun, inherit, seed_everything, upstream, write_json
@@ -168,7 +169,7 @@ def cost_estimate(s: dict, judge, scorer, train, tok, answers: int) -> str:
         for r in build_requests(case, *split_sections(case["reference"]), s["JUDGE_MODE"], scorer.s.perspectives,
                                 bystander=s["BYSTANDER_COEF"] > 0,
                                 bystander_by_criteria=judge.backend.bystander_by_criteria):
-            lengths.append(len(tok.apply_chat_template(r.chat(), tokenize=True)))
+            lengths.append(chat_length(tok, r.chat()))
     prompt = sum(lengths) / len(sample) * answers
     out_tokens = answers * per_answer * (5 if s["JUDGE_MODE"] == "direct" else 150)
     return (f"up to {answers * per_answer:,} judge requests, ~{prompt:,.0f} prompt tokens and "
@@ -214,8 +215,7 @@ def main():
                              adapter, checkpointing=GRADIENT_CHECKPOINTING, fast_inference=FAST_INFERENCE)
     dataset = load_from_disk(str(data_dir / "dataset"))
     train = dataset["train"]
-    fits = [len(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True)) <= MAX_PROMPT_TOKENS
-            for p in train["prompt"]]
+    fits = [chat_length(tok, p, add_generation_prompt=True) <= MAX_PROMPT_TOKENS for p in train["prompt"]]
     train = train.select([i for i, ok in enumerate(fits) if ok])
     print(f"[grpo] {len(train)} prompts ({fits.count(False)} over MAX_PROMPT_TOKENS dropped); "
           f"path {'unsloth 4-bit' if USE_UNSLOTH else 'transformers + peft'}; init {INIT}")

@@ -156,6 +156,13 @@ def build_smollm2(folder: Path) -> None:
 
 # ---------------------------------------------------------------- loading
 
+def chat_length(tok, messages: list[dict], add_generation_prompt: bool = False) -> int:
+    """Tokens of a chat rendered with the tokenizer's template. (transformers 5 returns a
+    BatchEncoding from `apply_chat_template(tokenize=True)`, whose len() is its number of keys.)"""
+    return len(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                       return_dict=False))
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)

@@ -39,3 +39,13 @@ def test_demo_model_loads_from_the_installed_wheel_and_generates(runs_dir, cases
     assert all(len(a.split()) >= 5 for a in answers), answers
     assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_chat_length_counts_tokens_for_the_length_filters(runs_dir):
+    """02 drops examples over MAX_SEQ_LENGTH and 04 prompts over MAX_PROMPT_TOKENS by this count."""
+    from perm.models import chat_length, load_tokenizer, resolve_model
+    tok = load_tokenizer(resolve_model("tiny", runs_dir))
+    messages = [{"role": "user", "content": "I failed my driving test again and my dad laughed."}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat_length(tok, messages, add_generation_prompt=True) == len(tok(text, add_special_tokens=False)["input_ids"])
+    assert chat_length(tok, messages * 20) > 20 * chat_length(tok, messages) // 2 > 2
