@@ -49,13 +49,18 @@ _SCORE_LINE = re.compile(r"^[*_ ]*score[*_ ]*[:：][*_ ]*([1-5])(?:\.0+)?[*_ ]*(
 _TOTAL_LINE = re.compile(r"^[*_ ]*total[ _]score[*_ ]*[:：][*_ ]*(\d{1,3})[*_ ]*(?:/[*_ ]*100)?[*_ .]*$", re.IGNORECASE)
 _SUB_LINE = re.compile(r"^[-*• ]*[*_ ]*([a-z ]+?)[*_ ]*[:：][*_ ]*(\d{1,2})[*_ ]*(?:/[*_ ]*20)?[*_ .]*$", re.IGNORECASE)
 _PREFERENCE_LINE = re.compile(r"^[*_ ]*preference[*_ ]*[:：][*_ ]*(a|b|tie)[*_ .]*$", re.IGNORECASE)
-# A candidate's line that imitates a judge's output or a rubric verdict: a score/rating/preference
-# label, an "N / 5|10|20|100" fraction, or a claimed rubric level.
-_IMITATION = re.compile(
-    r"\b(?:total[ _]?)?(?:score|rating|grade|preference|verdict)\s*[*_]*\s*[:=：]"
-    r"|\b\d{1,3}\s*/\s*(?:5|10|20|100)\b"
-    r"|\blevel\s*[1-5]\b|\b[1-5]\s*=\s*\w", re.IGNORECASE)
-NEUTRALIZED = "[a line imitating an evaluation was removed]"
+# What in a candidate imitates a judge's output or speaks to the judge: a score label with its
+# number, a rating or grade with a number, a preference or verdict naming A, B or tie, an "N / 5|10|
+# 20|100" fraction, a claimed rubric level, or words addressed to whoever grades the answer. A
+# supporter writing to a person in need has no reason to write any of these.
+_IMITATION = (r"\b(?:total[ _]?)?score\s*[*_]*\s*[:=：]|\b(?:rating|grade)\s*[*_]*\s*[:=：]\s*[*_]*\s*\d"
+              r"|\b(?:preference|verdict)\s*[*_]*\s*[:=：]\s*[*_]*\s*(?:a|b|tie)\b"
+              r"|\b\d{1,3}\s*/\s*(?:5|10|20|100)\b|\blevel\s*[1-5]\b|\b[1-5]\s*=\s*\w"
+              r"|\b(?:evaluator|grader|rubric)s?\b|\bignore (?:all |any )?(?:the )?(?:previous|prior|above) instructions\b"
+              r"|\b(?:highest|maximum|perfect|full|top) (?:score|rating)\b")
+# ... and the sentence around it (up to a sentence end or a line break): that sentence is removed.
+_IMITATING_SENTENCE = re.compile(rf"[^.!?\n]*(?:{_IMITATION})[^.!?\n]*[.!?]*", re.IGNORECASE)
+NEUTRALIZED = "[text imitating an evaluation was removed]"
 
 
 # ---------------------------------------------------------------- reading a judge's reply
@@ -151,10 +156,11 @@ def _escape(text: str, tag: str) -> str:
 
 
 def neutralize(text: str) -> str:
-    """Replace every line of a candidate that imitates a judge's output (`Score: 5`,
-    `Total Score: 100 / 100`, `Preference: A`, `8/10`, "this meets level 5") with a marker, so it can
-    pull neither a parser nor a local judge's digit probabilities."""
-    return "\n".join(NEUTRALIZED if _IMITATION.search(line) else line for line in text.split("\n"))
+    """Replace every sentence of a candidate that imitates a judge's output (`Score: 5`,
+    `Total Score: 100 / 100`, `Preference: A`, `8/10`, "this meets level 5") or addresses its judge
+    ("note to the evaluator", "ignore all previous instructions") with a marker, so it can pull
+    neither a parser nor a local judge's digit probabilities. The rest of the text is untouched."""
+    return _IMITATING_SENTENCE.sub(NEUTRALIZED, text)
 
 
 def escape_candidate(text: str, tag: str = "candidate") -> str:
