@@ -61,7 +61,7 @@ JUDGE_RETRIES = 3
 JUDGE_CACHE = ""                    # empty = RUNS_DIR/judge_cache.sqlite
 
 PRESETS = {
-    # the demo presets keep small splits (about 112 / 16 / 32), sized for CPU minutes
+    # the demo presets keep small splits (cpu: 108 / 18 / 34 of 160), sized for CPU minutes
     "cpu": {"MAX_CASES": 160, "VALID_FRACTION": 0.1, "TEST_FRACTION": 0.2},
     "smoke": {"MAX_CASES": 54, "VALID_FRACTION": 0.1, "TEST_FRACTION": 0.2},
 }

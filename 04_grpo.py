@@ -35,6 +35,9 @@ groups and shorter answers:
          judged by Qwen2.5-7B-Instruct in 4-bit beside it
   gpu24  Qwen2.5-7B-Instruct 4-bit, 8 generations x 2 prompts x 4 accumulation, 768 tokens, LoRA r16,
          judged by its own base
+
+This stage is longer than the others on purpose: the GRPO configuration, the judge gate and the stop
+rules are the method, so they are shown here rather than hidden in perm/.
 """
 import json
 import os
