@@ -68,8 +68,9 @@ PRESETS = {
             "LR": 5e-4, "EVAL_CASES": 8, "MAX_NEW_TOKENS": 512, "JUDGE_MODEL": "smollm2-135m"},
     "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "BATCH_SIZE": 4, "GRAD_ACCUM": 4},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "BATCH_SIZE": 2, "GRAD_ACCUM": 8, "MAX_SEQ_LENGTH": 1536},
+    # the tiny model's 1024-token vocabulary needs about three times the tokens of a real one
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "EVAL_CASES": 4,
-              "MAX_NEW_TOKENS": 48, "JUDGE_MODEL": "tiny"},
+              "MAX_SEQ_LENGTH": 2048, "MAX_NEW_TOKENS": 48, "JUDGE_MODEL": "tiny"},
 }
 settings = configure(globals(), PRESETS, stage="02_sft")
 

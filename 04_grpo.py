@@ -115,6 +115,7 @@ PRESETS = {
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "NUM_GENERATIONS": 8, "PROMPTS_PER_STEP": 2,
               "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 768, "LENGTH_LIMIT": 576, "JUDGE_MODEL": ""},
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 2, "LR": 1e-4, "NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 2,
+              "MAX_PROMPT_TOKENS": 2048,                    # the tiny tokenizer needs about 3x the tokens
               "GRAD_ACCUM": 1, "MAX_COMPLETION_LENGTH": 48, "LENGTH_LIMIT": 40, "SAVE_STEPS": 1,
               "LOG_SAMPLES_EVERY": 1, "JUDGE_MODEL": "", "ZERO_STD_PATIENCE": 50, "SANITY_CASES": 3,
               "MIN_SANITY_ACCURACY": 0.0},
