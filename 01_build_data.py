@@ -51,7 +51,7 @@ SYNTHESIZE_N = 0                    # new cases written by the judge model from 
 WRITE_FIRST_MESSAGES = False        # write a first message for profiles that lack one (else skip them)
 # the writer for synthesis (the judge settings; it writes whole cases, hence smaller batches, more time)
 JUDGE = "local"                     # local | api
-JUDGE_MODEL = "smollm2-135m"        # local: hub id, folder or alias; api: model name
+JUDGE_MODEL = "Qwen/Qwen2.5-7B-Instruct"  # local: hub id, folder or alias; api: model name
 JUDGE_BASE_URL = ""                 # api endpoint; empty = OpenAI (key from JUDGE_API_KEY only)
 JUDGE_TOP_P = 0.9
 JUDGE_CONCURRENCY = 32
@@ -62,10 +62,10 @@ JUDGE_CACHE = ""                    # empty = RUNS_DIR/judge_cache.sqlite
 
 PRESETS = {
     # the demo presets keep small splits (cpu: 108 / 18 / 34 of 160), sized for CPU minutes
-    "cpu": {"MAX_CASES": 160, "VALID_FRACTION": 0.1, "TEST_FRACTION": 0.2},
+    "cpu": {"MAX_CASES": 160, "VALID_FRACTION": 0.1, "TEST_FRACTION": 0.2, "JUDGE_MODEL": "smollm2-135m"},
     "smoke": {"MAX_CASES": 54, "VALID_FRACTION": 0.1, "TEST_FRACTION": 0.2},
 }
-settings = configure(globals(), PRESETS, stage="01_build_data")
+settings = configure(globals(), PRESETS)
 
 
 def resolve_input(path: str) -> str:
@@ -113,7 +113,7 @@ def synthesize(cases, dropped, missing):
     """Add written first messages and synthetic cases, then deduplicate everything again."""
     from perm.judges import judge_from_settings
     from perm.synthesis import synthesize_cases, write_first_messages
-    writer = judge_from_settings(settings, mode="direct")
+    writer = judge_from_settings(settings, mode="direct", temperature=0.0)   # its requests carry their own temperature
     found = [("input", c) for c in cases]
     if missing:
         written, rejected = write_first_messages(writer, missing)

@@ -24,7 +24,7 @@ tokens, batch 4 x 4 (about 6 GB; fits a T4); gpu24 = Qwen2.5-7B-Instruct in 4-bi
 """
 import sys
 
-from perm import USE_UNSLOTH
+import perm
 from perm.cases import RowError, load_answers
 from perm.models import chat_length
 from perm.prompts import policy_prompt, split_sections
@@ -66,13 +66,12 @@ PRESETS = {
     # CPU: budgeted from measured timings (LoRA ~8 ms/token on 2 cores; ~600-token examples)
     "cpu": {"MODEL": "smollm2-135m", "MAX_SEQ_LENGTH": 768, "MAX_STEPS": 60, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
             "LR": 5e-4, "EVAL_CASES": 8, "MAX_NEW_TOKENS": 512, "JUDGE_MODEL": "smollm2-135m"},
-    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "BATCH_SIZE": 4, "GRAD_ACCUM": 4},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "BATCH_SIZE": 2, "GRAD_ACCUM": 8, "MAX_SEQ_LENGTH": 1536},
     # the tiny model's 1024-token vocabulary needs about three times the tokens of a real one
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "EVAL_CASES": 4,
               "MAX_SEQ_LENGTH": 2048, "MAX_NEW_TOKENS": 48, "JUDGE_MODEL": "tiny"},
 }
-settings = configure(globals(), PRESETS, stage="02_sft")
+settings = configure(globals(), PRESETS)
 
 
 # ---------------------------------------------------------------- the method: SFT as configured here
@@ -153,7 +152,7 @@ def main():
     if not examples:
         sys.exit(f"error: no SFT examples left from SFT_SOURCE={SFT_SOURCE!r} (dropped: {dropped})")
     print(f"[sft] {len(examples)} examples; dropped {dropped or 'none'}; "
-          f"path {'unsloth 4-bit' if USE_UNSLOTH else 'transformers + peft'}")
+          f"path {'unsloth 4-bit' if perm.USE_UNSLOTH else 'transformers + peft'}")
     trainer = SFTTrainer(model=model, args=sft_config(settings, str(run.path / "checkpoints")),
                          train_dataset=Dataset.from_list(examples), processing_class=tok)
     result = trainer.train()

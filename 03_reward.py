@@ -35,11 +35,11 @@ import numpy as np
 
 from perm.cases import RowError, load_answers
 from perm.judges import judge_from_settings
-from perm.protocol import PERSPECTIVES as ALL_PERSPECTIVES
+from perm import protocol
 from perm.reward import PermScorer, RewardSettings
-from perm.runs import StageRun, inherit, seed_everything, upstream
+from perm.runs import StageRun, seed_everything, upstream
 from perm.sanity import run_battery
-from perm.settings import configure, explicit_keys
+from perm.settings import configure, inherit
 
 # ---------------------------------------------------------------- settings
 RUNS_DIR = "runs"
@@ -59,7 +59,7 @@ TEMPERATURE = 1.0              # sampling temperature, as in GRPO
 SANITY_CASES = 0               # valid cases in the sanity battery (0 = all; 04 checks the same ones)
 # judge (docs/method.md, "Judges"; the same settings and presets as 04_grpo.py)
 JUDGE = "local"                # local | api
-JUDGE_MODEL = ""               # local: hub id, folder or alias ("" = MODEL, as 04 shares it); api: the model name
+JUDGE_MODEL = "Qwen/Qwen2.5-7B-Instruct"  # local: hub id, folder or alias ("" = MODEL, as 04 shares it); api: model name
 JUDGE_BASE_URL = ""            # api: e.g. http://localhost:8000/v1 (vLLM); empty = OpenAI
 JUDGE_MODE = "direct"          # direct (score only) | reasoned (a short reason, then the score; paper)
 JUDGE_TEMPERATURE = 0.3        # paper: 0.3
@@ -84,19 +84,18 @@ PRESETS = {
     # and the answer budgets and length limits are 04's, so reward_mean previews what 04 trains on
     "cpu": {"MODEL": "smollm2-135m", "JUDGE_MODEL": "", "INIT": "sft", "SAMPLES_PER_CASE": 2,
             "MAX_CASES": 6, "SANITY_CASES": 6, "MAX_NEW_TOKENS": 320, "LENGTH_LIMIT": 280, "JUDGE_BATCH_SIZE": 4},
-    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "JUDGE_MODEL": "", "MAX_NEW_TOKENS": 768, "LENGTH_LIMIT": 576},
     "smoke": {"MODEL": "tiny", "JUDGE_MODEL": "", "INIT": "base", "SAMPLES_PER_CASE": 2, "MAX_CASES": 3,
               "SANITY_CASES": 3, "MAX_NEW_TOKENS": 48, "LENGTH_LIMIT": 40},
 }
-settings = configure(globals(), PRESETS, stage="03_reward")
+settings = configure(globals(), PRESETS)
 
 
 def sft_adapter():
     """The SFT adapter folder when INIT=sft (MODEL is inherited from that run, as 04 does), else None."""
     if INIT == "sft":
         sft_dir, sft_config = upstream(RUNS_DIR, "sft", SFT_TAG)
-        inherit(settings, sft_config["settings"], ["MODEL"], explicit_keys(globals()), f"sft/{SFT_TAG}", globals())
+        inherit(settings, sft_config["settings"], ["MODEL"], f"sft/{SFT_TAG}")
         return str(sft_dir / "adapter")
     if INIT != "base":
         sys.exit(f"error: INIT={INIT!r}; choose base or sft")
@@ -132,7 +131,7 @@ def mean(values):
 
 
 def summarize(rows):
-    m = {f"{p}_mean": mean(r[p] for r in rows) for p in (*ALL_PERSPECTIVES, "bystander")}
+    m = {f"{p}_mean": mean(r[p] for r in rows) for p in (*protocol.PERSPECTIVES, "bystander")}
     m["reward_mean"] = mean(r["reward"] for r in rows)
     groups = defaultdict(list)
     for r in rows:
@@ -145,7 +144,7 @@ def summarize(rows):
     m["truncation_rate"] = mean(float(r["truncated"]) for r in rows)
     m["failed_answers"] = sum(r["failed"] for r in rows)
     judged = [r for r in rows if r["reward"] is not None and r["formatted"]]
-    names = [p for p in (*ALL_PERSPECTIVES, "bystander") if all(r[p] is not None for r in judged)]
+    names = [p for p in (*protocol.PERSPECTIVES, "bystander") if all(r[p] is not None for r in judged)]
     if len(judged) > 2 and names:
         matrix = np.corrcoef(np.array([[r[p] for p in names] for r in judged]).T)
         m["perspective_correlation"] = {a: {b: (None if np.isnan(matrix[i, j]) else round(float(matrix[i, j]), 3))
@@ -194,7 +193,7 @@ def main():
         save_splits({"train": sanity_rows}, run.path / "sanity")
     final = run.finish(metrics)
     print("\n[reward] summary")
-    for key in ("answers", "format_rate", *(f"{p}_mean" for p in (*ALL_PERSPECTIVES, "bystander")), "reward_mean",
+    for key in ("answers", "format_rate", *(f"{p}_mean" for p in (*protocol.PERSPECTIVES, "bystander")), "reward_mean",
                 "reward_std_within_group", "frac_zero_std_groups", "sanity_accuracy", "judge_calls",
                 "judge_failures", "cache_hits"):
         value = metrics.get(key)

@@ -43,13 +43,13 @@ import json
 import os
 import sys
 
-from perm import USE_UNSLOTH
+import perm
 from perm.judges import judge_from_settings
 from perm.models import chat_length
-from perm.protocol import PERSPECTIVES as ALL_PERSPECTIVES
+from perm import protocol
 from perm.reward import JudgeFailureRateExceeded, PermScorer, RewardSettings, make_reward_functions
-from perm.runs import StageRun, inherit, seed_everything, upstream, write_json
-from perm.settings import configure, explicit_keys
+from perm.runs import StageRun, seed_everything, upstream, write_json
+from perm.settings import configure, inherit
 
 # ---------------------------------------------------------------- settings
 RUNS_DIR = "runs"
@@ -80,7 +80,7 @@ LOG_SAMPLES_EVERY = 10         # print two answers with their scores every N ste
 ZERO_STD_PATIENCE = 20         # stop when every group has zero reward spread for N steps running
 # judge (the same settings and presets as 03_reward.py, so 04 trains against the judge 03 checked)
 JUDGE = "local"                # local | api
-JUDGE_MODEL = ""               # local: hub id, folder, alias ("" = the policy's base, shared); api: model name
+JUDGE_MODEL = "Qwen/Qwen2.5-7B-Instruct"  # local: hub id, folder, alias ("" = the policy's base, shared); api: model
 JUDGE_BASE_URL = ""            # api: e.g. http://localhost:8000/v1 (vLLM); empty = OpenAI
 JUDGE_MODE = "direct"          # direct (score only) | reasoned (a short reason, then the score; paper)
 JUDGE_TEMPERATURE = 0.3        # paper: 0.3
@@ -109,9 +109,6 @@ PRESETS = {
             "GRAD_ACCUM": 1, "MAX_COMPLETION_LENGTH": 320, "LENGTH_LIMIT": 280, "SAVE_STEPS": 2,
             "LOG_SAMPLES_EVERY": 2, "JUDGE_MODEL": "", "JUDGE_BATCH_SIZE": 4, "SANITY_CASES": 6,
             "MIN_SANITY_ACCURACY": 0.0},
-    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "NUM_GENERATIONS": 6, "PROMPTS_PER_STEP": 2,
-              "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 512, "LENGTH_LIMIT": 384,
-              "JUDGE_MODEL": "Qwen/Qwen2.5-7B-Instruct"},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "NUM_GENERATIONS": 8, "PROMPTS_PER_STEP": 2,
               "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 768, "LENGTH_LIMIT": 576, "JUDGE_MODEL": ""},
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 2, "LR": 1e-4, "NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 2,
@@ -120,7 +117,7 @@ PRESETS = {
               "LOG_SAMPLES_EVERY": 1, "JUDGE_MODEL": "", "ZERO_STD_PATIENCE": 50, "SANITY_CASES": 3,
               "MIN_SANITY_ACCURACY": 0.0},
 }
-settings = configure(globals(), PRESETS, stage="04_grpo")
+settings = configure(globals(), PRESETS)
 
 
 # ---------------------------------------------------------------- the method: GRPO as configured here
@@ -187,7 +184,7 @@ def summary(history, scorer, judge, extra):
                               if any(key in r for r in rows) else None)
     m = {"steps": len(steps), "reward_first_10pct": mean(steps[:k], "reward"), "reward_last_10pct": mean(steps[-k:], "reward")}
     for key in ("rewards/empathy_reward/mean", "rewards/bystander_reward/mean", "rewards/length_reward/mean",
-                *(f"perspective/{p}" for p in (*ALL_PERSPECTIVES, "bystander"))):
+                *(f"perspective/{p}" for p in (*protocol.PERSPECTIVES, "bystander"))):
         m[f"{key}_first_10pct"], m[f"{key}_last_10pct"] = mean(steps[:k], key), mean(steps[-k:], key)
     m["format_rate"] = scorer.answers and 1 - scorer.format_failures / scorer.answers
     m["truncation_rate"] = mean(steps, "completions/clipped_ratio")
@@ -203,7 +200,7 @@ def main():
     adapter, sources = None, {"data": str(data_dir)}
     if INIT == "sft":
         sft_dir, sft_config = upstream(RUNS_DIR, "sft", SFT_TAG)
-        inherit(settings, sft_config["settings"], ["MODEL"], explicit_keys(globals()), f"sft/{SFT_TAG}", globals())
+        inherit(settings, sft_config["settings"], ["MODEL"], f"sft/{SFT_TAG}")
         adapter, sources["sft"] = str(sft_dir / "adapter"), str(sft_dir)
     elif INIT != "base":
         sys.exit(f"error: INIT={INIT!r}; choose base or sft")
@@ -222,7 +219,7 @@ def main():
     fits = [chat_length(tok, p, add_generation_prompt=True) <= MAX_PROMPT_TOKENS for p in train["prompt"]]
     train = train.select([i for i, ok in enumerate(fits) if ok])
     print(f"[grpo] {len(train)} prompts ({fits.count(False)} over MAX_PROMPT_TOKENS dropped); "
-          f"path {'unsloth 4-bit' if USE_UNSLOTH else 'transformers + peft'}; init {INIT}")
+          f"path {'unsloth 4-bit' if perm.USE_UNSLOTH else 'transformers + peft'}; init {INIT}")
 
     # PERM: the judge. "" = the policy's own base, judged with the adapters off (no second model).
     judge_model = JUDGE_MODEL or (MODEL if JUDGE == "local" else "")

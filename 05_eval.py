@@ -66,21 +66,23 @@ EVAL_JUDGE_RETRIES = 3
 EVAL_JUDGE_CACHE = ""
 MAX_JUDGE_FAILURE_RATE = 0.2
 # how the combined reward is computed (as in training, so the numbers compare)
+PERSPECTIVES = ["resonation", "expression", "reception"]
 COMBINE = "harmonic"
+PERSPECTIVE_WEIGHTS = {"resonation": 1.0, "expression": 1.0, "reception": 1.0}
 BYSTANDER_COEF = 0.5
 LENGTH_LIMIT = 384
 LENGTH_COEF = 0.001
+RECEPTION_SEES_HIDDEN_NEED = False
 
 PRESETS = {
     "cpu": {"MODEL": "smollm2-135m", "EVAL_JUDGE_MODEL": "smollm2-135m", "EVAL_SAMPLES": 1, "MAX_CASES": 8,
             "MAX_NEW_TOKENS": 320, "LENGTH_LIMIT": 280, "EVAL_JUDGE_BATCH_SIZE": 4},
     # the eval judges are larger than the training judges (gpu16 trains against a 7B, gpu24 its own 7B base)
-    "gpu16": {"MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-14B-Instruct"},
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-14B-Instruct"},
     "smoke": {"MODEL": "tiny", "EVAL_JUDGE_MODEL": "tiny", "EVAL_SAMPLES": 2, "MAX_CASES": 4, "MAX_NEW_TOKENS": 48,
               "LENGTH_LIMIT": 40, "BOOTSTRAP_RESAMPLES": 200},
 }
-settings = configure(globals(), PRESETS, stage="05_eval")
+settings = configure(globals(), PRESETS)
 
 
 def generate(models, cases):
@@ -213,9 +215,7 @@ def main():
     rows_by_model = generate(models, cases)
 
     judge = judge_from_settings(settings, prefix="EVAL_JUDGE")
-    reward = RewardSettings(mode=EVAL_JUDGE_MODE, combine=COMBINE, bystander_coef=BYSTANDER_COEF,
-                            length_limit=LENGTH_LIMIT, length_coef=LENGTH_COEF, max_failure_rate=MAX_JUDGE_FAILURE_RATE)
-    scorer = PermScorer(judge, reward, auto_check=False)
+    scorer = PermScorer(judge, RewardSettings.from_settings(settings, prefix="EVAL_JUDGE"), auto_check=False)
     for name, rows in rows_by_model.items():
         print(f"[eval] judging {name} ({len(rows)} answers)")
         score(scorer, rows)

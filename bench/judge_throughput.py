@@ -138,8 +138,9 @@ def main() -> None:
                 requests = make_requests(cases, n, args.mode, f"c{c}")
                 build_s = time.perf_counter() - t
                 warm = make_requests(cases, c, args.mode, f"warm{c}")
-                judge = make_judge("api", MODEL, tmp, args.mode, 0.0, base_url=url, concurrency=c, timeout=60.0,
-                                   retries=3, cache_path=f"{tmp}/cache-{c}.sqlite")
+                judge = make_judge(backend="api", model=MODEL, runs_dir=tmp, mode=args.mode, temperature=0.0, top_p=1.0,
+                                   base_url=url, concurrency=c, batch_size=1, timeout=60.0, retries=3,
+                                   cache_path=f"{tmp}/cache-{c}.sqlite")
                 judge.judge(warm)
                 before = dataclasses.replace(judge.stats)
                 t = time.perf_counter()

@@ -124,19 +124,22 @@ def model_identity(path: str) -> str:
 
 # ---------------------------------------------------------------- the factory
 
-def judge_from_settings(s: dict, prefix: str = "JUDGE", mode: str = "", model: str = "", **kwargs) -> "Judge":
-    """make_judge from a stage's JUDGE* settings (or EVAL_JUDGE* with prefix="EVAL_JUDGE"). `mode` and
-    `model` override the settings (a writer always runs in direct mode)."""
-    def get(key, default=None):
-        return s.get(f"{prefix}_{key}", default)
-    return make_judge(s[prefix], model or get("MODEL"), s["RUNS_DIR"], mode or get("MODE"), get("TEMPERATURE", 0.3),
-                      get("BASE_URL", ""), get("CONCURRENCY", 16), get("BATCH_SIZE", 8), get("TIMEOUT", 60.0),
-                      get("RETRIES", 3), get("CACHE", ""), top_p=get("TOP_P", 1.0), **kwargs)
+JUDGE_ARGUMENTS = {"backend": "", "model": "_MODEL", "base_url": "_BASE_URL", "mode": "_MODE",
+                   "temperature": "_TEMPERATURE", "top_p": "_TOP_P", "concurrency": "_CONCURRENCY",
+                   "batch_size": "_BATCH_SIZE", "timeout": "_TIMEOUT", "retries": "_RETRIES", "cache_path": "_CACHE"}
 
 
-def make_judge(backend: str, model: str, runs_dir, mode: str, temperature: float, base_url: str = "",
-               concurrency: int = 16, batch_size: int = 8, timeout: float = 60.0, retries: int = 3,
-               cache_path: str = "", max_reason_tokens: int = 96, local_model=None, top_p: float = 1.0) -> Judge:
+def judge_from_settings(s, prefix: str = "JUDGE", **overrides) -> "Judge":
+    """A cached judge from a stage's JUDGE* settings (or EVAL_JUDGE* with prefix="EVAL_JUDGE").
+    `overrides` replace settings by argument name (`mode="direct"`: a writer never reasons first);
+    the stage's constants are the only defaults."""
+    kwargs = {arg: s[prefix + suffix] for arg, suffix in JUDGE_ARGUMENTS.items() if prefix + suffix in s}
+    return make_judge(runs_dir=s["RUNS_DIR"], **{**kwargs, **overrides})
+
+
+def make_judge(*, backend: str, model: str, runs_dir, mode: str, temperature: float, top_p: float, base_url: str,
+               concurrency: int, batch_size: int, timeout: float, retries: int, cache_path: str,
+               max_reason_tokens: int = 96, local_model=None) -> Judge:
     """A cached judge. `local_model` reuses an already loaded (model, tokenizer) of `model` (04's
     policy with its adapters switched off while judging), with `local_model[0]`'s precision."""
     if backend == "local":

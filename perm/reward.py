@@ -29,30 +29,31 @@ class JudgeFailureRateExceeded(SystemExit):
 
 @dataclass
 class RewardSettings:
-    mode: str = "direct"                       # JUDGE_MODE
-    perspectives: tuple = PERSPECTIVES         # drop one for an ablation
-    combine: str = "harmonic"                  # COMBINE
-    weights: dict = field(default_factory=lambda: {p: 1.0 for p in PERSPECTIVES})  # PERSPECTIVE_WEIGHTS
-    bystander_coef: float = 0.5                # BYSTANDER_COEF; 0 turns the bystander off
-    length_limit: int = 768                    # LENGTH_LIMIT (tokens)
-    length_coef: float = 0.001                 # LENGTH_COEF
-    reception_sees_hidden_need: bool = False   # RECEPTION_SEES_HIDDEN_NEED
-    max_failure_rate: float = 0.2              # MAX_JUDGE_FAILURE_RATE
+    """The reward's settings, named as the stages' constants (docs/method.md, "Reward")."""
+    mode: str                          # JUDGE_MODE
+    perspectives: tuple                # PERSPECTIVES: drop one for an ablation
+    combine: str                       # COMBINE
+    weights: dict                      # PERSPECTIVE_WEIGHTS (COMBINE=weighted)
+    bystander_coef: float              # BYSTANDER_COEF; 0 turns the bystander off
+    length_limit: int                  # LENGTH_LIMIT (tokens)
+    length_coef: float                 # LENGTH_COEF
+    reception_sees_hidden_need: bool   # RECEPTION_SEES_HIDDEN_NEED
+    max_failure_rate: float            # MAX_JUDGE_FAILURE_RATE
 
     @classmethod
-    def from_settings(cls, s: dict) -> "RewardSettings":
-        perspectives = tuple(s.get("PERSPECTIVES", PERSPECTIVES))
+    def from_settings(cls, s, prefix: str = "JUDGE") -> "RewardSettings":
+        """From a stage's settings; `prefix` names its judge (05: EVAL_JUDGE)."""
+        perspectives = tuple(s["PERSPECTIVES"])
         unknown = set(perspectives) - set(PERSPECTIVES)
         if unknown or not perspectives:
             raise SystemExit(f"error: PERSPECTIVES={list(perspectives)}; choose from {list(PERSPECTIVES)}")
-        if s.get("COMBINE", "harmonic") not in COMBINE_MODES:
+        if s["COMBINE"] not in COMBINE_MODES:
             raise SystemExit(f"error: COMBINE={s['COMBINE']!r}; choose one of {', '.join(COMBINE_MODES)}")
-        return cls(mode=s["JUDGE_MODE"], perspectives=perspectives, combine=s.get("COMBINE", "harmonic"),
-                   weights=dict(s.get("PERSPECTIVE_WEIGHTS") or {p: 1.0 for p in PERSPECTIVES}),
-                   bystander_coef=s.get("BYSTANDER_COEF", 0.5), length_limit=s.get("LENGTH_LIMIT", 768),
-                   length_coef=s.get("LENGTH_COEF", 0.001),
-                   reception_sees_hidden_need=s.get("RECEPTION_SEES_HIDDEN_NEED", False),
-                   max_failure_rate=s.get("MAX_JUDGE_FAILURE_RATE", 0.2))
+        return cls(mode=s[f"{prefix}_MODE"], perspectives=perspectives, combine=s["COMBINE"],
+                   weights=dict(s["PERSPECTIVE_WEIGHTS"]), bystander_coef=s["BYSTANDER_COEF"],
+                   length_limit=s["LENGTH_LIMIT"], length_coef=s["LENGTH_COEF"],
+                   reception_sees_hidden_need=s["RECEPTION_SEES_HIDDEN_NEED"],
+                   max_failure_rate=s["MAX_JUDGE_FAILURE_RATE"])
 
 
 # ---------------------------------------------------------------- the math

@@ -105,24 +105,6 @@ def upstream(runs_dir, stage: str, tag: str) -> tuple[Path, dict]:
     return path, read_json(path / "config.json")
 
 
-def inherit(settings: dict, upstream_settings: dict, keys, explicit: set, source: str, namespace=None) -> dict:
-    """Take `keys` from an upstream stage's settings unless set explicitly; print what happened.
-    `namespace` (a stage's globals) is updated too, so its constants and its settings agree."""
-    for key in keys:
-        if key not in upstream_settings or key not in settings:
-            continue
-        theirs = upstream_settings[key]
-        if key in explicit:
-            if settings[key] != theirs:
-                print(f"[inherit] {key} = {settings[key]!r} overrides {theirs!r} from {source}")
-        elif settings[key] != theirs:
-            settings[key] = theirs
-            if namespace is not None:
-                namespace[key] = theirs
-            print(f"[inherit] {key} = {theirs!r} from {source}")
-    return settings
-
-
 class StageRun:
     """The output folder life cycle of one stage run.
 
@@ -139,7 +121,7 @@ class StageRun:
         if self.path.exists() and not resume:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.config = {"stage": stage, "tag": tag, "settings": settings, "upstream": upstream or {},
+        self.config = {"stage": stage, "tag": tag, "settings": dict(settings), "upstream": upstream or {},
                        "versions": library_versions(), "prompts": prompt_hashes(),
                        "command": [Path(sys.argv[0]).name] + [a for a in sys.argv[1:] if "=" in a]}
         write_json(self.path / "config.json", self.config)

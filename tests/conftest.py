@@ -51,3 +51,25 @@ def run_stage(script: str, *args: str, cwd=None, check: bool = True, timeout: in
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc
+
+
+def stage_constants(script: str) -> dict:
+    """{NAME: value} of a stage file's literal UPPER_CASE constants, read from its text."""
+    import ast
+    tree = ast.parse((REPO / script).read_text())
+    return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+            and isinstance(n.targets[0], ast.Name) and n.targets[0].id.isupper() and n.targets[0].id != "PRESETS"}
+
+
+def judge_for_test(backend: str, model: str, runs_dir, **overrides):
+    """A judge with 04's judge constants (the stages' only defaults); `overrides` by argument name."""
+    from perm.judges import judge_from_settings
+    s = {**stage_constants("04_grpo.py"), "RUNS_DIR": str(runs_dir), "JUDGE": backend, "JUDGE_MODEL": model}
+    return judge_from_settings(s, **overrides)
+
+
+def reward_settings(**overrides):
+    """04's reward settings, with `overrides` by field name."""
+    import dataclasses
+    from perm.reward import RewardSettings
+    return dataclasses.replace(RewardSettings.from_settings(stage_constants("04_grpo.py")), **overrides)

@@ -3,9 +3,8 @@ import json
 
 import pytest
 
-from conftest import REPO, run_stage
+from conftest import REPO, judge_for_test, reward_settings, run_stage
 from fake_openai import FakeJudgeServer
-from perm.judges import make_judge
 from perm.protocol import build_requests
 from perm.reward import JudgeFailureRateExceeded, PermScorer, RewardSettings
 
@@ -18,7 +17,7 @@ def requests_for(cases, mode="direct"):
 
 def api_judge(server, tmp_path, mode="direct", **kw):
     opts = dict(concurrency=4, timeout=1.0, retries=3, cache_path=str(tmp_path / "cache.sqlite")) | kw
-    return make_judge("api", "fake-judge", tmp_path, mode, 0.3, base_url=server.base_url, **opts)
+    return judge_for_test("api", "fake-judge", tmp_path, mode=mode, temperature=0.3, base_url=server.base_url, **opts)
 
 
 def test_concurrency_is_bounded(tmp_path):
@@ -84,7 +83,7 @@ def test_quoted_score_in_the_reply_never_becomes_the_score(tmp_path):
 
 def test_failure_rate_stop(tmp_path):
     with FakeJudgeServer(failure_rate=1.0, failures=("500",), persistent=True) as server:
-        scorer = PermScorer(api_judge(server, tmp_path, retries=0), RewardSettings(max_failure_rate=0.2))
+        scorer = PermScorer(api_judge(server, tmp_path, retries=0), reward_settings(max_failure_rate=0.2))
         scorer.score(CASES[:2], [c["reference"] for c in CASES[:2]], [100, 100])
         with pytest.raises(JudgeFailureRateExceeded) as e:
             scorer.check_failure_rate(final=True)
@@ -117,7 +116,6 @@ def test_reward_stage_with_api_judge_never_writes_the_key(smoke_runs, tmp_path):
 TWO_PROCESS_SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
-from perm.judges import make_judge
 from perm.protocol import build_requests
 cases = [json.loads(l) for l in open({cases!r}).read().splitlines()[:6]]
 judge = make_judge("api", "fake-judge", {tmp!r}, "direct", 0.3, base_url={url!r}, concurrency=4,

@@ -4,10 +4,9 @@ import json
 import pytest
 from datasets import load_from_disk
 
-from conftest import REPO, run_stage
+from conftest import REPO, judge_for_test, run_stage
 from perm.evaluation import bootstrap, need_kinds, per_case, preference_pairs, summarize_by_kind, verdict
 from fake_openai import FakeJudgeServer
-from perm.judges import make_judge
 
 
 def test_smoke_eval_after_grpo_writes_report_plots_and_recomputable_numbers(smoke_runs):
@@ -108,7 +107,7 @@ def test_each_pair_is_judged_in_both_orders(tmp_path, preference, expected):
         b = bwd.messages[1][1].split("<answer_b>")[1].split("</answer_b>")[0]
         assert a == b
     with FakeJudgeServer(preference=preference) as server:
-        judge = make_judge("api", "fake", tmp_path, "direct", 0.0, base_url=server.base_url,
+        judge = judge_for_test("api", "fake", tmp_path, mode="direct", temperature=0.0, base_url=server.base_url,
                            cache_path=str(tmp_path / "c.sqlite"))
         results = judge.judge([r for _, _, f, b in pairs for r in (f, b)])
     assert server.requests == 4

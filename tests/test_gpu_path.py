@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers.training_args as targs
 
-from conftest import REPO
+from conftest import REPO, judge_for_test, reward_settings
 
 CASES = [json.loads(line) for line in (REPO / "data" / "cases.jsonl").read_text().splitlines()[:3]]
 ANSWERS = ["# Analysis\nHe feels guilty and defensive.\n# Response\nYou did the right thing; the owner chose the sack.",
@@ -19,24 +19,23 @@ ANSWERS = ["# Analysis\nHe feels guilty and defensive.\n# Response\nYou did the 
 
 
 def judged(judge):
-    from perm.reward import PermScorer, RewardSettings
-    results = PermScorer(judge, RewardSettings()).score(CASES, ANSWERS, [40, 40, 40])
+    from perm.reward import PermScorer
+    results = PermScorer(judge, reward_settings()).score(CASES, ANSWERS, [40, 40, 40])
     return [(r.scores, r.subscores) for r in results]
 
 
 def test_judge_scores_are_the_same_in_training_state_with_checkpointing(runs_dir):
     """04 judges with the policy it trains: in train mode with gradient checkpointing on, a shared-
     prefix KV cache stays empty and every answer got the same bystander score."""
-    from perm.judges import make_judge
     from perm.training import load_policy
     model, tok = load_policy("tiny", runs_dir, 1024, 4, 8, 0, checkpointing=True)
     assert model.training and model.base_model.model.model.gradient_checkpointing
-    training = judged(make_judge("local", "tiny", runs_dir, "direct", 0.3, local_model=(model, tok),
+    training = judged(judge_for_test("local", "tiny", runs_dir, mode="direct", temperature=0.3, local_model=(model, tok),
                                  cache_path=str(runs_dir / "a.sqlite")))
     assert model.training                                   # the training state is given back
     model.eval()
     model.base_model.model.gradient_checkpointing_disable()
-    inference = judged(make_judge("local", "tiny", runs_dir, "direct", 0.3, local_model=(model, tok),
+    inference = judged(judge_for_test("local", "tiny", runs_dir, mode="direct", temperature=0.3, local_model=(model, tok),
                                   cache_path=str(runs_dir / "b.sqlite")))
     for (scores_t, subs_t), (scores_i, subs_i) in zip(training, inference):
         assert scores_t == pytest.approx(scores_i, abs=1e-4) and subs_t == pytest.approx(subs_i, abs=1e-3)
@@ -45,8 +44,7 @@ def test_judge_scores_are_the_same_in_training_state_with_checkpointing(runs_dir
 
 
 def test_judge_reads_logits_at_the_last_position_only(runs_dir):
-    from perm.judges import make_judge
-    judge = make_judge("local", "tiny", runs_dir, "direct", 0.3, cache_path=str(runs_dir / "c.sqlite"))
+    judge = judge_for_test("local", "tiny", runs_dir, mode="direct", temperature=0.3, cache_path=str(runs_dir / "c.sqlite"))
     model, seen = judge.backend.model, []
     forward = model.forward
 
@@ -61,10 +59,9 @@ def test_judge_reads_logits_at_the_last_position_only(runs_dir):
 
 def test_judge_generation_inputs_go_to_the_model_device(runs_dir):
     """Unsloth's generate does not move inputs: the judge must put them on the model's device."""
-    from perm.judges import make_judge
     from perm.local_judge import LocalBackend
     from perm.protocol import text_request
-    judge = make_judge("local", "tiny", runs_dir, "direct", 0.3, cache_path=str(runs_dir / "d.sqlite"))
+    judge = judge_for_test("local", "tiny", runs_dir, mode="direct", temperature=0.3, cache_path=str(runs_dir / "d.sqlite"))
     devices = []
 
     def generate(input_ids, attention_mask, **kwargs):
@@ -101,18 +98,16 @@ def test_local_models_load_through_the_gpu_aware_path(runs_dir, monkeypatch):
     """The judge, teacher, eval and serve models all load through `load_model`, which asks
     `inference_kwargs` (fp32 here; 4-bit on the GPU of a CUDA machine)."""
     from perm import models
-    from perm.judges import make_judge
     asked = []
     real = models.inference_kwargs
     monkeypatch.setattr(models, "inference_kwargs", lambda quantize=True: asked.append(quantize) or real(quantize))
-    judge = make_judge("local", "tiny", runs_dir, "direct", 0.3, cache_path=str(runs_dir / "e.sqlite"))
+    judge = judge_for_test("local", "tiny", runs_dir, mode="direct", temperature=0.3, cache_path=str(runs_dir / "e.sqlite"))
     assert asked == [True] and judge.identity["precision"] == "float32"
 
 
 def grpo_config_for(preset, world_size=1, **overrides):
-    argv = ["04_grpo.py", f"PRESET={preset}"] + [f"{k}={v}" for k, v in overrides.items()]
-    with mock.patch.object(sys, "argv", argv):
-        stage = runpy.run_path(str(REPO / "04_grpo.py"), run_name="not_main")
+    from perm.settings import run_stage_file
+    stage = run_stage_file(REPO / "04_grpo.py", f"PRESET={preset}", *(f"{k}={v}" for k, v in overrides.items()))
     with mock.patch.object(targs.TrainingArguments, "world_size", property(lambda self: world_size)):
         return stage["grpo_config"](stage["settings"], "/tmp/x"), stage["settings"]
 

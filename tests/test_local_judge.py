@@ -3,16 +3,15 @@ import json
 
 import pytest
 
-from conftest import REPO
-from perm.judges import make_judge
-from perm.reward import PermScorer, RewardSettings
+from conftest import REPO, judge_for_test, reward_settings
+from perm.reward import PermScorer
 
 CASES = [json.loads(line) for line in (REPO / "data" / "cases.jsonl").read_text().splitlines()[:2]]
 
 
 def scores_with(model, runs_dir, mode):
-    judge = make_judge("local", model, runs_dir, mode, 0.3, batch_size=4, max_reason_tokens=16)
-    scorer = PermScorer(judge, RewardSettings(mode=mode))
+    judge = judge_for_test("local", model, runs_dir, mode=mode, temperature=0.3, batch_size=4, max_reason_tokens=16)
+    scorer = PermScorer(judge, reward_settings(mode=mode))
     return scorer.score(CASES, [c["reference"] for c in CASES], [150, 150]), judge
 
 

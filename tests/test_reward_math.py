@@ -1,9 +1,9 @@
 """Reward math against hand values, and the failure and format-failure rules."""
 import pytest
 
+from conftest import reward_settings
 from perm.protocol import Judgment, JudgeStats
-from perm.reward import (PermScorer, RewardSettings, bystander_term, combine, length_term,
-                         make_reward_functions)
+from perm.reward import PermScorer, bystander_term, combine, length_term, make_reward_functions
 
 S = {"resonation": 2.0, "expression": 4.0, "reception": 4.0}
 
@@ -53,7 +53,7 @@ GOOD = "# Analysis\nShe feels torn.\n# Response\nThat sounds hard."
 
 def scorer(scores=None, fail=(), **settings):
     backend = ScriptedBackend(scores or {"resonation": 2, "expression": 4, "reception": 4, "bystander": 4}, fail)
-    return PermScorer(NoCacheJudge(backend), RewardSettings(**settings)), backend
+    return PermScorer(NoCacheJudge(backend), reward_settings(**settings)), backend
 
 
 def test_full_reward_by_hand():

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from perm.runs import MissingUpstream, StageRun, inherit, upstream
+from perm.runs import MissingUpstream, StageRun, upstream
 
 
 def test_partial_folder_then_atomic_rename(tmp_path):
@@ -36,16 +36,6 @@ def test_missing_or_unfinished_upstream_names_the_script(tmp_path):
     with pytest.raises(MissingUpstream) as e:
         upstream(tmp_path, "data", "x")
     assert "01_build_data.py TAG=x" in str(e.value.code) and "unfinished" in str(e.value.code)
-
-
-def test_inherit_takes_upstream_values_unless_explicit(capsys):
-    mine = {"MODEL": "tiny", "MAX_LEN": 256}
-    stage_globals = dict(mine)
-    inherit(mine, {"MODEL": "smollm2-135m", "MAX_LEN": 512}, ["MODEL", "MAX_LEN"], {"MAX_LEN"}, "sft/x", stage_globals)
-    assert mine == {"MODEL": "smollm2-135m", "MAX_LEN": 256}
-    assert stage_globals == mine                     # the stage's constants and its settings agree
-    out = capsys.readouterr().out
-    assert "MODEL = 'smollm2-135m' from sft/x" in out and "MAX_LEN = 256 overrides 512" in out
 
 
 def test_secret_from_the_environment_never_reaches_config(tmp_path, monkeypatch):

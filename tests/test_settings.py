@@ -1,10 +1,6 @@
 """Settings: the override typing rules, presets versus edits and explicit settings, SMOKE, help."""
-import json
 import re
-import runpy
-import sys
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 
@@ -42,141 +38,169 @@ def test_wrong_type_exits(default, raw):
     assert e.value.code != 0 and "K=" in str(e.value.code)
 
 
-def stage(**extra):
-    return {"RUNS_DIR": "runs", "TAG": "default", "SEED": 1, "SMOKE": False, "PRESET": "auto",
-            "STEPS": 10, "LR": 1e-5, **extra}
+SOURCE = """RUNS_DIR = "runs"
+TAG = "default"
+SEED = 1
+SMOKE = False
+PRESET = "auto"
+STEPS = 10        # optimizer steps
+LR = 1e-5         # learning rate;
+                  # lower it if the loss spikes
+"""
+PRESETS = {"cpu": {"STEPS": 20, "LR": 2e-5}, "gpu24": {"STEPS": 300}, "smoke": {"STEPS": 2}}
 
 
-PRESETS = {"cpu": {"STEPS": 20, "LR": 2e-5}, "gpu16": {"STEPS": 300}, "smoke": {"STEPS": 2}}
+def stage(argv=(), source=SOURCE, namespace=None):
+    """A stage's namespace after its settings block and `configure` ran with `argv`."""
+    ns = dict(namespace or {})
+    exec(compile(source, "stage.py", "exec"), ns)
+    ns["settings"] = configure(ns, PRESETS, list(argv), source=source)
+    return ns
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """Pretend the machine has a CUDA card of `cuda(gb)` GB (0: no CUDA)."""
+    import torch
+
+    def patch(gb):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gb > 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=gb * 1024**3))
+    return patch
 
 
 def test_unknown_key_names_valid_keys():
     with pytest.raises(SettingsError) as e:
-        configure(stage(), PRESETS, ["STEPZ=3"])
+        stage(["STEPZ=3"])
     assert "STEPZ" in str(e.value.code) and "STEPS" in str(e.value.code)
 
 
 def test_arguments_without_equals_are_ignored():
-    ns = stage()
-    configure(ns, PRESETS, ["-f", "/root/kernel.json", "TAG=x"])
-    assert ns["TAG"] == "x"
+    assert stage(["-f", "/root/kernel.json", "TAG=x"])["TAG"] == "x"
 
 
 def test_named_preset_wins_over_file_constants_and_prints_every_change(capsys):
-    ns = stage()
-    configure(ns, PRESETS, ["PRESET=cpu", "LR=3e-4"])
+    ns = stage(["PRESET=cpu", "LR=3e-4"])
     assert ns["STEPS"] == 20 and ns["LR"] == 3e-4 and ns["PRESET"] == "cpu"
     out = capsys.readouterr().out
-    assert "preset cpu: STEPS: 10 -> 20" in out and "LR: 1e-05 -> 0.0003 (command line)" in out
+    assert "preset cpu: STEPS: 10 -> 20" in out and "command line: LR: 1e-05 -> 0.0003" in out
 
 
 def test_smoke_wins_over_preset_and_explicit_wins_over_smoke():
-    ns = stage()
-    configure(ns, PRESETS, ["PRESET=gpu16", "SMOKE=True"])
-    assert ns["STEPS"] == 2
-    ns = stage()
-    configure(ns, PRESETS, ["PRESET=gpu16", "SMOKE=True", "STEPS=5"])
-    assert ns["STEPS"] == 5
+    assert stage(["PRESET=gpu24", "SMOKE=True"])["STEPS"] == 2
+    assert stage(["PRESET=gpu24", "SMOKE=True", "STEPS=5"])["STEPS"] == 5
 
 
-def test_preset_none_applies_nothing():
-    ns = stage()
-    configure(ns, PRESETS, ["PRESET=none"])
+@pytest.mark.parametrize("name", ["none", "gpu16"])
+def test_preset_none_and_gpu16_run_the_file_as_written(name, cuda):
+    cuda(0)
+    ns = stage([f"PRESET={name}"])
     assert ns["STEPS"] == 10 and ns["LR"] == 1e-5
 
 
 def test_bad_preset_name_exits():
     with pytest.raises(SettingsError):
-        configure(stage(), PRESETS, ["PRESET=gpu8"])
+        stage(["PRESET=gpu8"])
 
 
-def edited_stage(tmp_path, script, edits):
-    """A copy of a stage with some constants edited, as a user edits a Colab copy."""
+@pytest.mark.parametrize("gb, preset, steps, hint", [(0, "cpu", 20, False), (16, "none", 10, False),
+                                                     (24, "none", 10, True)])
+def test_auto_changes_only_the_cpu_demo_and_hints_gpu24(cuda, capsys, gb, preset, steps, hint):
+    """The only automatic change is the CPU demo; a card of 20 GB or more is told gpu24 fits."""
+    cuda(gb)
+    ns = stage()
+    assert (ns["PRESET"], ns["STEPS"]) == (preset, steps)
+    assert ("PRESET=gpu24" in capsys.readouterr().out) == hint
+
+
+def test_the_settings_mapping_and_the_constants_are_one_store(capsys):
+    from perm.settings import inherit
+    ns = stage(["PRESET=none", "LR=0.5"])
+    settings = ns["settings"]
+    settings["STEPS"] = 7
+    assert ns["STEPS"] == 7 and dict(settings)["STEPS"] == 7
+    inherit(settings, {"STEPS": 99, "LR": 0.1}, ["STEPS", "LR"], "up/x")
+    assert ns["STEPS"] == 99 and ns["LR"] == 0.5            # LR was set on the command line: not inherited
+    assert settings.explicit == {"PRESET", "LR"}
+    out = capsys.readouterr().out
+    assert "STEPS = 99 from up/x" in out and "LR = 0.5 overrides 0.1 from up/x" in out
+
+
+def test_a_stage_reads_only_its_own_constants_from_a_shared_namespace():
+    """Pasting 03 and then 04 into one notebook: 03's leftovers are neither read nor saved."""
+    ns = stage(["PRESET=none"], namespace={"SAMPLES_PER_CASE": 4, "SANITY_CASES": 6, "TAG": "from-03"})
+    assert list(ns["settings"]) == ["RUNS_DIR", "TAG", "SEED", "SMOKE", "PRESET", "STEPS", "LR"]
+    assert ns["TAG"] == "default"
+    with pytest.raises(SettingsError, match="SAMPLES_PER_CASE"):
+        stage(["SAMPLES_PER_CASE=2"], namespace={"SAMPLES_PER_CASE": 4})
+
+
+def test_help_lists_every_setting_with_its_comment(capsys):
+    from perm.settings import constants
+    with pytest.raises(SystemExit) as done:
+        stage(["HELP=True", "PRESET=none"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert set(constants(SOURCE)) == {"RUNS_DIR", "TAG", "SEED", "SMOKE", "PRESET", "STEPS", "LR"}
+    assert "  STEPS = 10  # optimizer steps" in out
+    assert "  LR = 1e-05  # learning rate; lower it if the loss spikes" in out
+
+
+def edited_copy(tmp_path, script, edits):
+    """A copy of a stage with some constants edited in its text, as a user edits a Colab copy."""
     source = (REPO / script).read_text()
     for key, value in edits.items():
-        source = re.sub(rf"^{key} = .*$", f"{key} = {value!r}", source, count=1, flags=re.MULTILINE)
+        source, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", source, count=1, flags=re.MULTILINE)
+        assert n == 1, key
     copy = tmp_path / script
     copy.write_text(source)
     return copy
 
 
-def run_copy(path, argv=()):
-    with mock.patch.object(sys, "argv", [str(path), *argv]):
-        return runpy.run_path(str(path), run_name="not_main")["settings"]
-
-
-@pytest.mark.parametrize("host", ["cpu", "cuda16"])
-def test_an_edited_constant_survives_the_automatic_preset(host, tmp_path, monkeypatch, capsys):
-    import torch
-    if host == "cuda16":
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=16 * 1024**3))
-    else:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def test_an_edited_constant_runs_exactly_as_edited_on_a_gpu_machine(tmp_path, cuda):
+    from perm.settings import run_stage_file
+    cuda(16)
     edits = {"MODEL": "my/model", "NUM_GENERATIONS": 4, "MAX_COMPLETION_LENGTH": 300, "JUDGE_MODEL": "my/judge"}
-    s = run_copy(edited_stage(tmp_path, "04_grpo.py", edits))
-    assert {k: s[k] for k in edits} == edits                       # the edits run, whatever the machine
-    assert s["PRESET"] == ("cpu" if host == "cpu" else "gpu16")
-    out = capsys.readouterr().out
-    assert "keeps your edited MODEL = 'my/model'" in out
-    if host == "cpu":                                                # unedited settings still follow the preset
-        assert s["MAX_STEPS"] == 4 and "preset cpu (auto): MAX_STEPS: 200 -> 4" in out
-    named = run_copy(edited_stage(tmp_path, "04_grpo.py", edits), ["PRESET=cpu"])
-    assert named["MODEL"] == "smollm2-135m"                           # a named preset wins over the file
+    ns = run_stage_file(edited_copy(tmp_path, "04_grpo.py", edits))
+    assert {k: ns[k] for k in edits} == edits and ns["PRESET"] == "none"
+    cuda(24)
+    assert run_stage_file(edited_copy(tmp_path, "04_grpo.py", edits), "PRESET=gpu24")["MODEL"] == \
+        "Qwen/Qwen2.5-7B-Instruct"                                  # a preset named by the user wins
 
 
-def test_a_stage_reads_only_its_own_constants_from_a_shared_namespace():
-    """Pasting 03 and then 04 into one notebook: 03's leftovers are neither read nor saved."""
-    namespace = {"SAMPLES_PER_CASE": 4, "SANITY_CASES": 6, "TAG": "from-03"}
-    cell = "TAG = 'default'\nSTEPS = 3\nfrom perm.settings import configure\nsettings = configure(globals(), {}, [])\n"
-    exec(compile(cell, "<cell>", "exec"), namespace)
-    assert namespace["settings"] == {"TAG": "default", "STEPS": 3}
-    with pytest.raises(SettingsError, match="SAMPLES_PER_CASE"):
-        exec(compile(cell.replace("[]", "['SAMPLES_PER_CASE=2']"), "<cell>", "exec"), dict(namespace))
+def file_constants(script):
+    """{NAME: value} of a stage file's literal constants, read from its text."""
+    import ast
+    tree = ast.parse((REPO / script).read_text())
+    return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+            and isinstance(n.targets[0], ast.Name) and n.targets[0].id.isupper() and n.targets[0].id != "PRESETS"
+            and not isinstance(n.value, ast.Call)}
 
 
-def test_help_lists_every_setting_with_its_comment(capsys):
-    with mock.patch.object(sys, "argv", ["04_grpo.py", "HELP=True", "PRESET=none"]), pytest.raises(SystemExit) as done:
-        runpy.run_path(str(REPO / "04_grpo.py"), run_name="not_main")
-    assert done.value.code == 0
-    out = capsys.readouterr().out
-    from perm.settings import read_constants
-    for key in read_constants(REPO / "04_grpo.py"):
-        assert f"  {key} = " in out, key
-    assert "MIN_SANITY_ACCURACY = 0.75  # stop before step 1" in out
-
-
-def test_shipped_settings_record_matches_the_stage_files():
-    """perm/shipped_settings.json is how an automatic preset tells an edit from a shipped value;
-    after changing a constant, run `python -m perm.settings`."""
-    from perm.settings import SHIPPED, snapshot
-    assert json.loads(SHIPPED.read_text()) == json.loads(json.dumps(snapshot(REPO)))
-
-
-def test_shared_judge_defaults_agree_across_stages():
-    """One value per judge setting; 02's teacher writes whole answers, hence its own budget."""
-    from perm.settings import read_constants
-    stages = {f: read_constants(REPO / f) for f in ("01_build_data.py", "02_sft.py", "03_reward.py", "04_grpo.py")}
-    writers = {"JUDGE_TEMPERATURE", "JUDGE_TIMEOUT", "JUDGE_BATCH_SIZE", "JUDGE_MODEL"}   # writing, not judging
-    for key in ("JUDGE", "JUDGE_BASE_URL", "JUDGE_MODE", "JUDGE_TEMPERATURE", "JUDGE_TOP_P", "JUDGE_CONCURRENCY",
-                "JUDGE_BATCH_SIZE", "JUDGE_TIMEOUT", "JUDGE_RETRIES", "JUDGE_CACHE", "MAX_JUDGE_FAILURE_RATE",
-                "SANITY_CASES"):
-        values = {f: c[key]["value"] for f, c in stages.items() if key in c
-                  and not (f in ("01_build_data.py", "02_sft.py") and key in writers)}
-        assert len({json.dumps(v) for v in values.values()}) <= 1, (key, values)
-    eval_stage = read_constants(REPO / "05_eval.py")
+def test_shared_judge_settings_agree_across_stages():
+    """03 checks the judge 04 trains against, so their judge and reward constants are one set;
+    05's eval judge uses the same transport values. (01 and 02 write text, not judgments.)"""
+    reward, grpo = file_constants("03_reward.py"), file_constants("04_grpo.py")
+    shared = [k for k in reward if k in grpo and (k.startswith("JUDGE") or k in (
+        "MAX_JUDGE_FAILURE_RATE", "SANITY_CASES", "PERSPECTIVES", "COMBINE", "PERSPECTIVE_WEIGHTS", "BYSTANDER_COEF",
+        "LENGTH_LIMIT", "LENGTH_COEF", "RECEPTION_SEES_HIDDEN_NEED"))]
+    assert len(shared) >= 20
+    assert {k: reward[k] for k in shared} == {k: grpo[k] for k in shared}
+    evaluation = file_constants("05_eval.py")
     for key in ("TIMEOUT", "RETRIES", "CONCURRENCY", "BATCH_SIZE", "TOP_P"):
-        assert eval_stage[f"EVAL_JUDGE_{key}"]["value"] == stages["04_grpo.py"][f"JUDGE_{key}"]["value"], key
+        assert evaluation[f"EVAL_JUDGE_{key}"] == grpo[f"JUDGE_{key}"], key
 
 
-@pytest.mark.parametrize("cuda, memory_gb, expected", [(False, 0, "cpu"), (True, 15, "gpu16"), (True, 24, "gpu24")])
-def test_auto_preset_follows_the_machine(monkeypatch, cuda, memory_gb, expected):
-    import torch
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=memory_gb * 1024**3))
-    ns = stage()
-    configure(ns, PRESETS, [])
-    assert ns["PRESET"] == expected and ns["STEPS"] == {"cpu": 20, "gpu16": 300, "gpu24": 10}[expected]
+def test_judge_and_reward_code_hold_no_default_of_a_setting():
+    """The stages' constants are the only defaults: the judge factory and the reward settings take
+    every setting as a required keyword."""
+    import inspect
+    from perm.judges import make_judge
+    from perm.reward import RewardSettings
+    params = inspect.signature(make_judge).parameters
+    settings_args = [p for p in params.values() if p.name not in ("local_model", "max_reason_tokens")]
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in settings_args)
+    assert all(p.default is p.empty for p in inspect.signature(RewardSettings).parameters.values())
 
 
 def test_no_import_cycle_inside_the_package():

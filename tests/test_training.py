@@ -13,11 +13,9 @@ from conftest import REPO, SMOKE_OUTPUT, run_stage
 
 def stage(script, preset, smoke=False, **overrides):
     """A stage's namespace (settings and functions) for a preset, read the way the stage reads it."""
-    import runpy
-    from unittest import mock
-    argv = [script, f"PRESET={preset}"] + (["SMOKE=True"] if smoke else []) + [f"{k}={v}" for k, v in overrides.items()]
-    with mock.patch.object(sys, "argv", argv):
-        return runpy.run_path(str(REPO / script), run_name="not_main")
+    from perm.settings import run_stage_file
+    return run_stage_file(REPO / script, f"PRESET={preset}", *(["SMOKE=True"] if smoke else []),
+                          *(f"{k}={v}" for k, v in overrides.items()))
 
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu16", "gpu24"])

@@ -36,7 +36,7 @@ COMMON = []                    # extra KEY=VALUE arguments for every 04 and 05 r
 EVAL_ARGS = []                 # extra KEY=VALUE arguments for 05 only
 RERUN = False
 
-settings = configure(globals(), stage="ablate")
+settings = configure(globals())
 
 
 def stage(script, *args):

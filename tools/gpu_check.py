@@ -54,7 +54,7 @@ CHECKS = {   # preset -> (policy shape, judge shape, the 04 settings it trains w
                                  "MAX_COMPLETION_LENGTH": 768, "JUDGE_BATCH_SIZE": 8}),
 }
 
-settings = configure(globals(), stage="gpu_check")
+settings = configure(globals())
 
 
 def build_model(shape: str, folder: Path) -> str:
@@ -87,7 +87,7 @@ def check_one(preset: str, path: str) -> dict:
     import torch
     from datasets import Dataset
     from trl import GRPOTrainer, SFTTrainer
-    from perm.judges import make_judge
+    from perm.judges import judge_from_settings
     from perm.prompts import format_answer, policy_prompt
     from perm.reward import PermScorer, RewardSettings, make_reward_functions
     from perm.training import load_policy
@@ -121,16 +121,16 @@ def check_one(preset: str, path: str) -> dict:
     grpo_stage = stage_namespace("04_grpo.py", preset)
     s = dict(grpo_stage["settings"], **grpo, MAX_STEPS=GRPO_STEPS, SAVE_STEPS=1000)
     if judge_shape:
-        judge = make_judge("local", build_model(judge_shape, models / judge_shape), RUNS_DIR, "direct", 0.3,
-                           batch_size=s["JUDGE_BATCH_SIZE"], cache_path=str(models / "cache.sqlite"))
+        judge = judge_from_settings(s, backend="local", model=build_model(judge_shape, models / judge_shape),
+                                    mode="direct", cache_path=str(models / "cache.sqlite"))
     else:
-        judge = make_judge("local", policy_path, RUNS_DIR, "direct", 0.3, batch_size=s["JUDGE_BATCH_SIZE"],
-                           local_model=(model, tok), cache_path=str(models / "cache.sqlite"))
+        judge = judge_from_settings(s, backend="local", model=policy_path, mode="direct", local_model=(model, tok),
+                                    cache_path=str(models / "cache.sqlite"))
 
     class JudgeEverything(PermScorer):
         def score(self, cases, completions, completion_tokens, judge_unformatted=True):
             return super().score(cases, completions, completion_tokens, judge_unformatted=True)
-    scorer = JudgeEverything(judge, RewardSettings(length_limit=s["LENGTH_LIMIT"]), auto_check=False)
+    scorer = JudgeEverything(judge, RewardSettings.from_settings(s), auto_check=False)
     generated = {"tokens": 0}
 
     def count(texts, results, cases_):
@@ -162,10 +162,8 @@ def check_one(preset: str, path: str) -> dict:
 
 def stage_namespace(script: str, preset: str) -> dict:
     """A stage's settings and functions for a preset, read without running it."""
-    import runpy
-    from unittest import mock
-    with mock.patch.object(sys, "argv", [script, f"PRESET={preset}", f"RUNS_DIR={RUNS_DIR}"]):
-        return runpy.run_path(str(REPO / script), run_name="not_main")
+    from perm.settings import run_stage_file
+    return run_stage_file(REPO / script, f"PRESET={preset}", f"RUNS_DIR={RUNS_DIR}")
 
 
 def main():

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO))
 
 from perm.cases import NEED_KINDS, split_cases  # noqa: E402
 from perm.prompts import split_sections  # noqa: E402
-from perm.settings import read_constants  # noqa: E402
+from perm.settings import run_stage_file  # noqa: E402
 
 BEGIN, END = "<!-- library card: begin (tools/library_card.py) -->", "<!-- library card: end -->"
 
@@ -38,9 +38,8 @@ def card() -> str:
     words = {f: [len(c[f].split()) for c in cases] for f in ("persona", "scenario", "query", "hidden_need")}
     words["reference"] = [sum(len(s.split()) for s in split_sections(c["reference"])) for c in cases]
     ages = [int(c["persona"].split(",")[1]) for c in cases]
-    constants = read_constants(REPO / "01_build_data.py")
-    splits = split_cases(cases, constants["VALID_FRACTION"]["value"], constants["TEST_FRACTION"]["value"],
-                         constants["SEED"]["value"])
+    data = run_stage_file(REPO / "01_build_data.py", "PRESET=none")     # 01's own constants
+    splits = split_cases(cases, data["VALID_FRACTION"], data["TEST_FRACTION"], data["SEED"])
     lines += ["", "Words per field (p5 / median / p95): " + ", ".join(
         f"{f.replace('_', ' ')} {' / '.join(map(str, percentiles(v)))}" for f, v in words.items())
         + " (reference: both sections, headings excluded).",

@@ -37,7 +37,7 @@ PORT = 8000
 BACKEND = "auto"               # auto (vllm when importable and CUDA is there) | vllm | transformers
 MAX_NEW_TOKENS = 1024          # cap per request
 
-settings = configure(globals(), stage="serve")
+settings = configure(globals())
 
 
 def adapter_and_base():
