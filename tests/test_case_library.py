@@ -4,7 +4,13 @@ Fails on: a missing or empty field; a need kind, life area or the whole library 
 age outside 14-85; a first name used more than 5 times; more than 3 queries opening with the same
 four words; a reference outside 150-230 words, without exactly one of each heading, with a list,
 stock comfort phrases or therapy jargon; a query that repeats its hidden need's wording; near
-duplicates (word 3-gram Jaccard of scenario + query). Each check is also shown to catch a bad case.
+duplicates (word 3-gram Jaccard of scenario + query); an id not of the form kind-NNN.
+The model learns the references' habits, so their shares are capped too: Responses ending with a
+question, Analyses opening with the seeker's name, thin Analyses per kind, the "that's not X, that's
+Y" reframe, semicolons (none to teenagers or casual writers), one layout for a whole kind, hidden
+needs of one kind opening alike, a Response narrating its own constraints, and a safety reference
+without a concrete service or number (or one that says to search for it). Each check is also shown
+to catch a bad case.
 """
 import itertools
 import json
@@ -15,6 +21,7 @@ import pytest
 
 from conftest import REPO
 from perm.cases import FIELDS, NEED_KINDS
+from perm.library import PERSONA, habits, words
 from perm.prompts import ANALYSIS_HEADING, RESPONSE_HEADING, split_sections
 
 LIBRARY = REPO / "data" / "cases.jsonl"
@@ -35,11 +42,31 @@ FILLERS = ("i understand how you feel", "valid to feel", "your feelings are vali
 JARGON = ("self-care", "hold space", "holding space", "coping mechanism", "coping strateg", "inner child",
           "trauma response", "emotional labor", "emotional labour")
 LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s", re.MULTILINE)
-PERSONA = re.compile(r"^([^\s,]+)(?: [^,]+)?, (\d{1,2}),")
+ID = re.compile(r"^[a-z_]+-\d{3}$")
+# habits (perm/library.py): shares of the whole library, or of each need kind
+MAX_SHARES = {"question_endings": (0.70, "responses end with a question"),
+              "name_openings": (0.35, "analyses open with the seeker's name"),
+              "reframes": (0.05, "responses use the 'not X, that's Y' reframe"),
+              "semicolons": (0.15, "responses use a semicolon")}
+MAX_THIN_ANALYSES = 0.25          # of a kind's Analyses, at two sentences or fewer
+MIN_EACH_LAYOUT = 0.15            # of a kind's Responses, one block and several paragraphs each
+MAX_SAME_NEED_OPENING = 0.25      # of a kind's hidden needs sharing their first four words
 
 
-def words(text):
-    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+def habit_problems(cases):
+    shares, problems = habits(cases)
+    problems += [f"{shares[key]:.0%} of {what} (at most {cap:.0%})" for key, (cap, what) in MAX_SHARES.items()
+                 if shares[key] > cap]
+    for kind, k in shares.items():
+        if not isinstance(k, dict):
+            continue
+        if k["thin_analyses"] > MAX_THIN_ANALYSES:
+            problems.append(f"{kind}: {k['thin_analyses']:.0%} of analyses are two sentences or fewer")
+        if not MIN_EACH_LAYOUT <= k["one_block"] <= 1 - MIN_EACH_LAYOUT:
+            problems.append(f"{kind}: {k['one_block']:.0%} of responses are one block (one layout for a whole kind)")
+        if k["same_need_opening"] > MAX_SAME_NEED_OPENING:
+            problems.append(f"{kind}: {k['same_need_opening']:.0%} of hidden needs open {k['need_opening']!r}")
+    return problems
 
 
 def reference_problems(case):
@@ -114,7 +141,8 @@ def library_problems(cases):
     problems += [f"near duplicates {a} ~ {b} (similarity {s})" for a, b, s in near_duplicates(cases)]
     ids = Counter(c.get("id") for c in cases)
     problems += [f"id {i} used {n} times" for i, n in ids.items() if n > 1]
-    return problems
+    problems += [f"id {i!r} is not kind-NNN" for i in ids if not ID.match(str(i))]
+    return problems + habit_problems([c for c in cases if all(isinstance(c.get(f), str) for f in FIELDS)])
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +195,24 @@ def renamed(case, name):
     (lambda c: bad(c), "fewer than 1200"),
     (lambda c: bad(c), "need kind safety: 0 cases"),
     (lambda c: bad(c, category="weather"), "unknown area 'weather'"),
+    (lambda c: bad(c, id="grow-01"), "is not kind-NNN"),
+    (lambda c: bad(c, reference=c["reference"].rstrip(".!? \n") + "?"), "end with a question"),
+    (lambda c: bad(c, reference=c["reference"].replace("# Analysis\n", "# Analysis\n" + c["persona"].split()[0] + " ")),
+     "open with the seeker's name"),
+    (lambda c: bad(c, reference=c["reference"] + " That's not weakness, that's love."), "reframe"),
+    (lambda c: bad(c, reference=c["reference"] + " Rest; then decide."), "use a semicolon"),
+    (lambda c: bad(c, query="i dunno what to do", reference=c["reference"] + " Rest; then decide."), "casual writer"),
+    (lambda c: bad(c, reference=c["reference"] + " So no lecture."), "narrates its own constraint"),
+    (lambda c: bad(c, reference="# Analysis\nShe is sad. She is tired.\n# Response\n" + split_sections(c["reference"])[1]),
+     "two sentences or fewer"),
+    (lambda c: [dict(c, id=f"x-{i:03d}", hidden_need="She wants to hear that " + str(i)) for i in range(4)],
+     "of hidden needs open 'she wants to hear'"),
+    (lambda c: [dict(c, id=f"x-{i:03d}", reference=c["reference"].replace("\n\n", " ")) for i in range(4)],
+     "one layout for a whole kind"),
+    (lambda c: bad(c, need_kind="safety", reference="# Analysis\nA. B. C.\n# Response\nPlease find a helpline; a search finds one."),
+     "names no concrete service"),
+    (lambda c: bad(c, need_kind="safety", reference=c["reference"] + " Call 999, or search for a helpline."),
+     "says to search"),
 ])
 def test_each_check_catches_a_bad_case(library, mutate, expected):
     problems = library_problems(mutate(library[0]))

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from perm.cases import NEED_KINDS, split_cases  # noqa: E402
+from perm.library import habits  # noqa: E402
 from perm.prompts import split_sections  # noqa: E402
 from perm.settings import run_stage_file  # noqa: E402
 
@@ -47,7 +48,19 @@ def card() -> str:
         f"{len({c['persona'].split(',')[0].split()[0] for c in cases})} different first names.",
         f"Default split: {len(splits['train'])} train, {len(splits['valid'])} valid, {len(splits['test'])} test, "
         f"stratified by need kind (every kind, safety included, in every split); the `cpu` and `smoke` "
-        f"presets of 01 take a balanced sample of 160 and 54 cases.", END]
+        f"presets of 01 take a balanced sample of 160 and 54 cases."]
+    shares, _ = habits(cases)
+    kinds = [v for v in shares.values() if isinstance(v, dict)]
+    lines.append(
+        f"Habits of the references (what SFT teaches; capped by the library's checks): "
+        f"{shares['question_endings']:.0%} of Responses end with a question, {shares['name_openings']:.0%} of "
+        f"Analyses open with the seeker's name, {shares['reframes']:.0%} use a \"that's not X, that's Y\" reframe, "
+        f"{shares['semicolons']:.1%} a semicolon; per need kind, at most {max(k['thin_analyses'] for k in kinds):.0%} "
+        f"of Analyses are two sentences or fewer, {min(k['one_block'] for k in kinds):.0%} to "
+        f"{max(k['one_block'] for k in kinds):.0%} of Responses are one block, and the most common opening of the "
+        f"hidden needs covers at most {max(k['same_need_opening'] for k in kinds):.0%} of a kind's cases. Every "
+        f"safety reference names a concrete service or number for the seeker's country.")
+    lines.append(END)
     return "\n".join(lines)
 
 
