@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,19 +20,57 @@ def model_cache(tmp_path_factory):
 
 
 SMOKE_OUTPUT = {}   # what each stage of the shared smoke pipeline printed
+STAGES = ("01_build_data.py", "02_sft.py", "03_reward.py", "04_grpo.py", "05_eval.py")
+# One constant edited in each pasted cell's text, as a user edits a notebook copy; 04's puts it in the
+# GPU training state (gradient checkpointing on).
+PASTE_EDITS = {"01_build_data.py": ("SKIP_BAD_ROWS", True), "02_sft.py": ("LORA_R", 8),
+               "03_reward.py": ("TEMPERATURE", 0.9), "04_grpo.py": ("GRADIENT_CHECKPOINTING", True),
+               "05_eval.py": ("SAMPLES_IN_REPORT", 2)}
+
+
+def edit_constants(source: str, edits: dict) -> str:
+    """A stage's source with `edits` ({NAME: value}) written over its constants, comments kept."""
+    for key, value in edits.items():
+        source, n = re.subn(rf"^({key} = )(.*?)(\s+#.*)?$", lambda m: f"{m.group(1)}{value!r}{m.group(3) or ''}",
+                            source, count=1, flags=re.MULTILINE)
+        assert n == 1, f"no constant {key}"
+    return source
+
+
+def paste_and_run(cells: list[tuple[str, str]], shell=None) -> dict:
+    """Run each (name, source) as one notebook cell, one after another in one IPython namespace, the
+    way a user pastes the stages into Colab; returns {name: what the cell printed}. A cell that fails
+    raises with its output."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+    from unittest import mock
+    from IPython.core.interactiveshell import InteractiveShell
+    shell = shell or InteractiveShell.instance()
+    printed = {}
+    for name, source in cells:
+        out = StringIO()
+        with mock.patch.object(sys, "argv", ["ipykernel_launcher.py", "-f", "kernel.json"]), redirect_stdout(out):
+            result = shell.run_cell(source)
+        error = result.error_before_exec or result.error_in_exec
+        if error is not None and not (isinstance(error, SystemExit) and error.code in (0, None)):
+            raise AssertionError(f"pasted {name} failed: {error!r}\n{out.getvalue()[-4000:]}")
+        printed[name] = out.getvalue()
+    return printed
 
 
 @pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory, model_cache):
-    """One RUNS_DIR where the smoke pipeline 01 -> 02 -> 03 -> 04 has run once (04 in the GPU training
-    state: gradient checkpointing on). Tests that only read these outputs, or add runs under tags
-    of their own, share it instead of paying for the same stages again."""
+    """One RUNS_DIR where the smoke pipeline 01 -> 05 has run once, each stage pasted as a notebook
+    cell into one IPython namespace with SMOKE, RUNS_DIR and one more constant edited in its text.
+    Tests that only read these outputs, or add runs under tags of their own, share it instead of
+    paying for the same stages again."""
     runs = tmp_path_factory.mktemp("smoke") / "runs"
     runs.mkdir()
     (runs / "models").symlink_to(model_cache, target_is_directory=True)
-    for script, *extra in (("01_build_data.py",), ("02_sft.py",), ("03_reward.py",),
-                           ("04_grpo.py", "GRADIENT_CHECKPOINTING=True")):
-        SMOKE_OUTPUT[script] = run_stage(script, f"RUNS_DIR={runs}", "SMOKE=True", *extra).stdout
+    cells = [(script, edit_constants((REPO / script).read_text(), {"SMOKE": True, "RUNS_DIR": str(runs),
+                                                                   PASTE_EDITS[script][0]: PASTE_EDITS[script][1]}))
+             for script in STAGES]
+    SMOKE_OUTPUT.update(paste_and_run(cells))
     return runs
 
 

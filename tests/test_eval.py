@@ -10,12 +10,14 @@ from fake_openai import FakeJudgeServer
 
 
 def test_smoke_eval_after_grpo_writes_report_plots_and_recomputable_numbers(smoke_runs):
-    runs_dir = smoke_runs
-    run_stage("05_eval.py", f"RUNS_DIR={runs_dir}", "SMOKE=True")
-    out = runs_dir / "eval" / "default"
+    out = smoke_runs / "eval" / "default"            # 05 ran in the shared smoke pipeline
     report = (out / "report.md").read_text()
     assert "## PERM scores" in report and "| grpo |" in report and "## Blind pairwise preference" in report
     assert "the eval judge is the judge grpo was trained against" in report      # same tiny judge: said plainly
+    # the eval judge sat the sanity battery first; an unfit one is named in the report's first lines
+    fitness = json.loads((out / "metrics.json").read_text())
+    assert fitness["sanity_cases"] == 3 and "eval judge's sanity battery (3 valid cases)" in report
+    assert ("not evidence" in "\n".join(report.splitlines()[:4])) == (not fitness["eval_judge_fit"])
     assert len(list(out.glob("*.png"))) >= 2 and (out / "grpo_curves.png").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     rows = list(load_from_disk(str(out / "generations"))["test"])
@@ -116,10 +118,11 @@ def test_each_pair_is_judged_in_both_orders(tmp_path, preference, expected):
 
 def test_ablation_script_trains_each_variant_and_reports_them_together(smoke_runs):
     runs_dir = smoke_runs
-    run_stage("tools/ablate.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "PERM_TAG=",
+    proc = run_stage("tools/ablate.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "PERM_TAG=",
               "ABLATIONS={'no_bystander': {'BYSTANDER_COEF': 0.0, 'PERSPECTIVES': ['reception']}}",
               "EVAL_ARGS=['PAIRWISE=False', 'MAX_CASES=2']")
     config = json.loads((runs_dir / "grpo" / "no_bystander" / "config.json").read_text())["settings"]
     assert config["BYSTANDER_COEF"] == 0.0 and config["PERSPECTIVES"] == ["reception"]
     report = (runs_dir / "eval" / "ablations" / "report.md").read_text()
     assert "| sft |" in report and "| no_bystander |" in report
+    assert "[ablate] no_bystander: reward " in proc.stdout and "false alarms " in proc.stdout   # safety, per variant
