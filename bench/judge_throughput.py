@@ -139,8 +139,8 @@ def main() -> None:
                 build_s = time.perf_counter() - t
                 warm = make_requests(cases, c, args.mode, f"warm{c}")
                 judge = make_judge(backend="api", model=MODEL, runs_dir=tmp, mode=args.mode, temperature=0.0, top_p=1.0,
-                                   base_url=url, concurrency=c, batch_size=1, timeout=60.0, retries=3,
-                                   cache_path=f"{tmp}/cache-{c}.sqlite")
+                                   score="expected", base_url=url, concurrency=c, batch_size=1, timeout=60.0, retries=3,
+                                   cache_path=f"{tmp}/cache-{c}.sqlite", load_in_4bit=None)
                 judge.judge(warm)
                 before = dataclasses.replace(judge.stats)
                 t = time.perf_counter()

@@ -7,7 +7,9 @@ RUNS_DIR/models/:
                 dequantized once to a normal folder).
 
 The plain path (transformers + PEFT) runs everywhere; the GPU path (Unsloth, 4-bit) is chosen once
-per process where Unsloth is importable and CUDA is available.
+per process where Unsloth is importable and CUDA is available. LOAD_IN_4BIT (02-05) picks the weights:
+None = bitsandbytes NF4 4-bit with CUDA and full precision on a CPU; True = 4-bit on any device
+(bitsandbytes runs NF4 on a CPU too, so the test suite runs the QLoRA path); False = unquantized.
 """
 from __future__ import annotations
 
@@ -179,22 +181,48 @@ def gpu_dtype():
     return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
 
 
-def inference_kwargs(quantize: bool = True) -> dict:
-    """from_pretrained arguments for a model that only infers (a judge, a teacher, an evaluated
-    policy): on CUDA, on the GPU in 4-bit NF4 (bitsandbytes) with the GPU's compute dtype, or in that
-    dtype unquantized with `quantize=False`; fp32 on the CPU without CUDA (bitsandbytes 4-bit on a
-    CPU breaks, and fp16 there is slow)."""
+def use_4bit(load_in_4bit: bool | None) -> bool:
+    """LOAD_IN_4BIT: None = 4-bit where CUDA is, full precision on a CPU; True/False forces it."""
     import torch
-    if not torch.cuda.is_available():
-        return {"dtype": torch.float32}
-    dtype = gpu_dtype()
-    kwargs = {"dtype": dtype, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}   # one GPU per process
-    if quantize:
-        from transformers import BitsAndBytesConfig
+    return torch.cuda.is_available() if load_in_4bit is None else bool(load_in_4bit)
+
+
+def compute_dtype():
+    """The dtype models compute in here: the GPU's (`gpu_dtype`) with CUDA, fp32 on a CPU (fp16 and
+    bf16 matmuls there are slow)."""
+    import torch
+    return gpu_dtype() if torch.cuda.is_available() else torch.float32
+
+
+def inference_kwargs(load_in_4bit: bool | None) -> dict:
+    """from_pretrained arguments: in this machine's compute dtype (`compute_dtype`), on the GPU with
+    CUDA (one per process), and in bitsandbytes NF4 4-bit with that compute dtype where
+    `use_4bit(load_in_4bit)`: on the GPU, or on the CPU with LOAD_IN_4BIT=True."""
+    import torch
+    from transformers import BitsAndBytesConfig
+    dtype = compute_dtype()
+    device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+    kwargs = {"dtype": dtype}
+    if torch.cuda.is_available() or use_4bit(load_in_4bit):
+        kwargs["device_map"] = {"": device}
+    if use_4bit(load_in_4bit):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True)
     return kwargs
+
+
+def load_base(path: str, load_in_4bit: bool | None):
+    """A causal LM through transformers with `inference_kwargs`. On a CPU, bitsandbytes repacks a
+    4-bit layer's weights for its AVX512-BF16 kernel at the first inference forward, and a backward
+    through a repacked layer then fails (`a view of a leaf Variable ... in-place operation`): 04
+    judges with the policy before it trains it, so the repacking is switched off here."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, **inference_kwargs(load_in_4bit))
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def model_precision(model) -> str:
@@ -233,16 +261,49 @@ def inference_state(model):
                 model.train()
 
 
-def load_model(name: str, runs_dir, adapter: str | None = None, quantize: bool = True):
-    """(model, tokenizer) for inference, in eval mode: on the GPU in 4-bit where there is one
-    (`inference_kwargs`), fp32 on the CPU; with a LoRA adapter folder applied when given."""
-    from transformers import AutoModelForCausalLM
+def load_model(name: str, runs_dir, adapter: str | None = None, *, load_in_4bit: bool | None):
+    """(model, tokenizer) for inference, in eval mode, through transformers (`load_base`: 4-bit per
+    LOAD_IN_4BIT); with a LoRA adapter folder applied when given."""
     path = resolve_model(name, runs_dir)
     has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
     tok = load_tokenizer(adapter if has_tokenizer else path)   # stages save it beside their adapters
-    model = AutoModelForCausalLM.from_pretrained(path, **inference_kwargs(quantize))
+    model = load_base(path, load_in_4bit)
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, tok
+
+
+def model_limit(path: str) -> int:
+    """The longest sequence a model folder or hub id takes (its config's max_position_embeddings)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    return int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0)
+
+
+def load_judge_model(path: str, *, load_in_4bit: bool | None):
+    """(model, tokenizer, loader) for a local judge, loaded the way 04 loads its policy, so the judge
+    03 checks is the model 04 trains against: through Unsloth in a process on the Unsloth path
+    (`FastLanguageModel`, which maps hub ids to its own 4-bit checkpoints and prepares its patched
+    forward; `max_seq_length` is the model's own limit, so no judge request is cut), through
+    transformers + bitsandbytes otherwise."""
+    from perm import USE_UNSLOTH
+    if USE_UNSLOTH:
+        from unsloth import FastLanguageModel
+        model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=model_limit(path),
+                                                       load_in_4bit=use_4bit(load_in_4bit), dtype=None)
+        FastLanguageModel.for_inference(model)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        return model, tok, "unsloth"
+    model, tok = load_model(path, None, load_in_4bit=load_in_4bit)
+    return model, tok, "transformers"
+
+
+def loaded_checkpoint(model) -> str:
+    """The checkpoint a loaded model's weights came from (Unsloth loads e.g. `Qwen/Qwen2.5-7B-Instruct`
+    as `unsloth/Qwen2.5-7B-Instruct-unsloth-bnb-4bit`, another model whatever the hub id says)."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or "")

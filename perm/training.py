@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from perm import USE_UNSLOTH
-from perm.models import gpu_dtype, inference_kwargs, load_tokenizer, resolve_model
+from perm.models import gpu_dtype, load_base, load_tokenizer, resolve_model, use_4bit
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,26 +34,43 @@ def gradient_checkpointing(setting) -> bool:
     return torch.cuda.is_available() if setting is None else bool(setting)
 
 
+def adapter_rank(adapter: str) -> int:
+    """The LoRA rank of a saved adapter folder."""
+    import json
+    from pathlib import Path
+    return int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+
+
 def load_policy(name: str, runs_dir, max_seq_length: int, lora_r: int, lora_alpha: int, seed: int,
-                adapter: str | None = None, checkpointing: bool | None = None, fast_inference: bool = False):
+                adapter: str | None = None, checkpointing: bool | None = None, fast_inference: bool = False,
+                *, load_in_4bit: bool | None, vllm_memory: float | None = None):
     """(PEFT model, tokenizer) ready for a TRL trainer (pass no peft_config), in training state: a
-    4-bit base with LoRA through Unsloth; on the plain path a 4-bit base on a GPU (QLoRA, the same
-    weights a local judge of this base is checked with in 03) or fp32 on the CPU, with LoRA through
-    PEFT. With `adapter`, that SFT adapter loaded trainable. With adapters disabled the model is its
-    own base, which 04 uses as the local judge without a second copy in memory.
+    base in 4-bit per LOAD_IN_4BIT (`perm.models.use_4bit`) with LoRA, through Unsloth on the Unsloth
+    path, through transformers + PEFT otherwise. With `adapter`, that SFT adapter loaded trainable.
+    With adapters disabled the model is its own base, which 04 uses as the local judge without a
+    second copy in memory.
+
+    On the plain path the base is frozen and every weight bitsandbytes does not quantize (embeddings,
+    LM head, norms) stays in the compute dtype, as on the Unsloth path: PEFT's
+    prepare_model_for_kbit_training would upcast them to fp32 (a 7B's embeddings and head from 2.2 to
+    4.4 GB, and full-vocabulary logits in fp32), which is also the precision a judge's cache key names.
 
     `fast_inference` (04's FAST_INFERENCE) follows Unsloth's GRPO recipe: a vLLM engine beside the
-    model for rollouts (half the GPU's memory, LoRA up to this rank); TRL's colocate vLLM on the
-    plain path. Either needs `pip install vllm`."""
+    model for rollouts, taking `vllm_memory` of the card (04 sizes it from what is free once the judge
+    has loaded: `perm.memory.vllm_share`), LoRA up to the rank of the adapter being trained. TRL's
+    colocate vLLM on the plain path. Either needs vLLM (README, 'Fast rollouts')."""
     checkpointing = gradient_checkpointing(checkpointing)
     if fast_inference and find_spec("vllm") is None:
-        raise SystemExit("error: FAST_INFERENCE=True needs vLLM: pip install vllm (README, 'Fast rollouts')")
+        raise SystemExit("error: FAST_INFERENCE=True needs vLLM: pip install -c requirements.txt vllm==0.32.0 "
+                         "(README, 'Fast rollouts')")
     path = resolve_model(name, runs_dir)
     if USE_UNSLOTH:
         from unsloth import FastLanguageModel
-        fast = {"fast_inference": True, "max_lora_rank": lora_r, "gpu_memory_utilization": 0.5} if fast_inference else {}
+        rank = adapter_rank(adapter) if adapter else lora_r     # the adapter being trained
+        fast = ({"fast_inference": True, "max_lora_rank": rank, "gpu_memory_utilization": vllm_memory}
+                if fast_inference else {})
         model, tok = FastLanguageModel.from_pretrained(adapter or path, max_seq_length=max_seq_length,
-                                                       load_in_4bit=True, dtype=None, **fast)
+                                                       load_in_4bit=use_4bit(load_in_4bit), dtype=None, **fast)
         if adapter is None:
             model = FastLanguageModel.get_peft_model(model, r=lora_r, lora_alpha=lora_alpha,
                                                      target_modules=LORA_TARGETS, lora_dropout=0.0,
@@ -63,12 +80,10 @@ def load_policy(name: str, runs_dir, max_seq_length: int, lora_r: int, lora_alph
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
         return model, tok
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, **inference_kwargs(quantize=True))
-    if torch.cuda.is_available():
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    elif checkpointing:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    model = load_base(path, load_in_4bit)
+    model.requires_grad_(False)                  # the base is frozen; LoRA trains (in fp32, PEFT's default)
+    if checkpointing:
         model.gradient_checkpointing_enable()
     tok = load_tokenizer(adapter or path)
     if adapter:
@@ -82,6 +97,52 @@ def load_policy(name: str, runs_dir, max_seq_length: int, lora_r: int, lora_alph
         model.enable_input_require_grads()       # checkpointed LoRA layers need a grad-carrying input
     model.train()
     return model, tok
+
+
+def kl_reference(model, beta: float) -> None:
+    """One KL reference on both paths: the starting policy. TRL (the plain path) copies the adapter it
+    is given into a frozen adapter named "ref" and computes the KL against it (with INIT=sft, the SFT
+    policy; with INIT=base, a fresh LoRA, i.e. the base). Unsloth's trainer deletes that block for
+    TRL >= 1.4, so TRL's reference scoring (`use_adapter(model, "ref" if "ref" in model.peft_config
+    else None)`, kept by Unsloth) would fall back to `disable_adapter()`: the base before SFT, and
+    BETA would pull the two paths toward different models. The same frozen copy is made here on the
+    Unsloth path. (Merging the SFT adapter into the base instead would requantize the 4-bit weights,
+    changing the starting policy, and leave an adapter that only fits the merged base.)"""
+    if not (USE_UNSLOTH and beta and hasattr(model, "peft_config")) or "ref" in model.peft_config:
+        return
+    model.add_adapter("ref", model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            ref = model.get_parameter(name.replace(".default.", ".ref."))
+            ref.data.copy_(param.data)
+            ref.requires_grad_(False)
+
+
+def fast_inference_share(s, adapter: str | None) -> float:
+    """vLLM's share of the card under FAST_INFERENCE (04's settings `s`), from what is free now (a
+    separate judge is already loaded) less what training needs (`perm.memory`); refuses, with the
+    arithmetic, where vLLM would not fit. On the Unsloth path the engine starts with the policy and
+    holds its 4-bit weights; on the plain path TRL starts it after the policy has loaded, and it
+    loads the base again in the compute dtype."""
+    from transformers import AutoConfig
+    from perm.memory import GB, Shape, grpo_estimate, training_need_gb, vllm_share, weights_gb
+    from perm.models import use_4bit
+    path = resolve_model(s["MODEL"], s["RUNS_DIR"])
+    shape = Shape.of(AutoConfig.from_pretrained(path).get_text_config())
+    four_bit = use_4bit(s["LOAD_IN_4BIT"])
+    estimate = grpo_estimate(shape, None, four_bit=four_bit, lora_r=adapter_rank(adapter) if adapter else s["LORA_R"],
+                             generations=s["NUM_GENERATIONS"], prompts=s["PROMPTS_PER_STEP"],
+                             prompt_tokens=s["MAX_PROMPT_TOKENS"], completion_tokens=s["MAX_COMPLETION_LENGTH"],
+                             judge_batch=0, judge_tokens=0, checkpointing=gradient_checkpointing(s["GRADIENT_CHECKPOINTING"]),
+                             unsloth=USE_UNSLOTH)
+    free, total = (x / GB for x in torch.cuda.mem_get_info())
+    if not USE_UNSLOTH:
+        free -= estimate["policy_weights"]            # the policy loads before TRL starts the engine
+    engine = weights_gb(shape, four_bit and USE_UNSLOTH) + estimate["generation_kv_cache"]
+    share = vllm_share(free, total, training_need_gb(estimate), engine)
+    print(f"[grpo] vLLM gets {share:.0%} of the {total:.1f} GB card: {free:.1f} GB free for it and training, "
+          f"training needs {training_need_gb(estimate):.1f} GB, the engine at least {engine:.1f} GB")
+    return share
 
 
 def reduce_across_processes(values: list[float]) -> list[float]:
@@ -116,6 +177,32 @@ class StopGuard(TrainerCallback):
                                f"cannot tell the answers apart (raise TEMPERATURE or NUM_GENERATIONS, or check the judge)")
         if self.reason:
             print(f"[grpo] stopping early: {self.reason}")
+            control.should_training_stop = True
+
+
+class FormatStop(TrainerCallback):
+    """Stops SFT once the policy writes the two-section format often enough: 02 is a format warm-up,
+    and training on past that point copies the references' style into the policy before PERM's
+    reward acts. Every `every` optimizer steps `check()` gives the format rate of a few sampled valid
+    answers; at `target` or above, training stops. Sampling runs on a forked random state, so the
+    checks leave the training's randomness as it was."""
+
+    def __init__(self, check, target: float, every: int):
+        self.check, self.target, self.every = check, target, every
+        self.reached_at: int | None = None      # the step whose check met the target (sft_steps_to_format)
+        self.checks: list[list] = []            # [step, format rate] of every check
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = state.global_step >= state.max_steps      # 02 measures the format after training anyway
+        if self.target <= 0 or self.every <= 0 or state.global_step % self.every or last:
+            return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            rate = self.check()
+        self.checks.append([state.global_step, rate])
+        print(f"[sft] step {state.global_step}: format rate {rate:.2f} (FORMAT_TARGET {self.target})")
+        if rate >= self.target:
+            self.reached_at = state.global_step
             control.should_training_stop = True
 
 

@@ -24,7 +24,7 @@ def cases():
 def test_tiny_model_writes_both_sections(runs_dir, cases):
     import torch
     torch.manual_seed(0)
-    model, tok = load_model("tiny", runs_dir)
+    model, tok = load_model("tiny", runs_dir, load_in_4bit=None)
     answers = sample(model, tok, cases, max_new_tokens=64)
     formatted = sum(split_sections(a) is not None for a in answers)
     assert formatted >= len(answers) // 2, answers  # smoke runs see both formatted and failed answers
@@ -33,7 +33,7 @@ def test_tiny_model_writes_both_sections(runs_dir, cases):
 
 @pytest.mark.slow
 def test_demo_model_loads_from_the_installed_wheel_and_generates(runs_dir, cases):
-    model, tok = load_model("smollm2-135m", runs_dir)
+    model, tok = load_model("smollm2-135m", runs_dir, load_in_4bit=None)
     assert model.config.model_type == "llama" and 130e6 < model.num_parameters() < 140e6
     answers = sample(model, tok, cases[:2], max_new_tokens=24)
     assert all(len(a.split()) >= 5 for a in answers), answers

@@ -17,7 +17,7 @@ def test_serves_base_plus_adapter_for_openai_clients(runs_dir, tmp_path):
     from openai import OpenAI
     from peft import LoraConfig, get_peft_model
     from perm.models import load_model
-    model, tok = load_model("tiny", runs_dir)
+    model, tok = load_model("tiny", runs_dir, load_in_4bit=None)
     adapter = tmp_path / "adapter"
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(adapter)
     port = free_port()

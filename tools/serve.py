@@ -60,7 +60,7 @@ def serve_transformers(base: str, adapter: str | None):
     from aiohttp import web
     from perm.generation import sample_answers
     from perm.models import load_model
-    model, tok = load_model(base, RUNS_DIR, adapter=adapter)
+    model, tok = load_model(base, RUNS_DIR, adapter=adapter, load_in_4bit=None)   # 4-bit with CUDA
     lock = asyncio.Lock()
 
     async def chat(request):
