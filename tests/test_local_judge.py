@@ -31,6 +31,23 @@ def test_tiny_local_judge_scores_from_probabilities(runs_dir, mode):
     assert judge2.stats.calls == 0 and [r.scores for r in again] == [r.scores for r in results]  # cached
 
 
+@pytest.mark.parametrize("mode", ["direct", "reasoned"])
+def test_tiny_local_judge_with_sampled_scores_writes_digits(runs_dir, mode):
+    """JUDGE_SCORE=sampled: a digit drawn at the score position at JUDGE_TEMPERATURE (or the one the
+    reason wrote), the same for the same prompt, and never read from a cache of expectations."""
+    def judged(score, cache):
+        judge = judge_for_test("local", "tiny", runs_dir, mode=mode, temperature=1.0, batch_size=4,
+                               max_reason_tokens=16, score=score, cache_path=str(runs_dir / cache))
+        return PermScorer(judge, reward_settings(mode=mode)).score(CASES, [c["reference"] for c in CASES], [150, 150])
+    expected = judged("expected", "shared.sqlite")
+    sampled = judged("sampled", "shared.sqlite")
+    values = [v for r in sampled for v in (*r.scores.values(), *r.subscores.values())]
+    assert all(v == round(v) for v in values) and all(1 <= v <= 5 for r in sampled for v in r.scores.values())
+    assert [r.scores for r in sampled] != [r.scores for r in expected]
+    if mode == "direct":                        # nothing else is sampled: the same draws in a fresh cache
+        assert [r.scores for r in judged("sampled", "fresh.sqlite")] == [r.scores for r in sampled]
+
+
 @pytest.mark.slow
 def test_demo_model_as_local_judge(runs_dir):
     results, judge = scores_with("smollm2-135m", runs_dir, "direct")
