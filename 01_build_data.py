@@ -113,7 +113,8 @@ def synthesize(cases, dropped, missing):
     """Add written first messages and synthetic cases, then deduplicate everything again."""
     from perm.judges import judge_from_settings
     from perm.synthesis import synthesize_cases, write_first_messages
-    writer = judge_from_settings(settings, mode="direct", temperature=0.0)   # its requests carry their own temperature
+    # its requests carry their own temperature, and a writer reads no scores
+    writer = judge_from_settings(settings, mode="direct", temperature=0.0, score="expected")
     found = [("input", c) for c in cases]
     if missing:
         written, rejected = write_first_messages(writer, missing)

@@ -9,7 +9,8 @@ server: OpenAI, vLLM, Ollama; key in the environment variable JUDGE_API_KEY).
 
 Before step 1 the judge sits the sanity battery of 03_reward.py on the same valid cases (cached: a
 judge 03 already checked costs nothing) and training stops if `sanity_accuracy` is below
-MIN_SANITY_ACCURACY: GRPO amplifies whatever the reward says, so an unfit judge is caught here.
+MIN_SANITY_ACCURACY: GRPO ranks answers that look alike and amplifies whatever the reward says, so a
+judge that cannot put a case's own reference above near misses of the same length is caught here.
 
 Writes runs/grpo/<TAG>/: adapter/, completions.jsonl (every scored answer of every step: each
 perspective, the bystander's criteria, each reward term; appended as training goes), log_history.json
@@ -27,14 +28,16 @@ Run:   python 04_grpo.py                          # PRESET=auto; INIT=sft needs 
 The paper's run (Qwen2.5-7B full fine-tune on 4 x 80 GB GPUs; README, "Departures from the paper"): lr 1e-6
 with 10% warmup then linear decay, beta 0.01, 8 generations per prompt, 64 completions per optimizer
 step (8 prompts x 8), 1024-token answers with the length limit at 768, temperature 1.0, loss dapo,
-group-scaled rewards, one pass over ~3000 prompts. Its batch shape here: NUM_GENERATIONS=8
-PROMPTS_PER_STEP=8 GRAD_ACCUM=1 MAX_COMPLETION_LENGTH=1024 LENGTH_LIMIT=768 (more memory than one
-consumer GPU has). One-GPU presets train LoRA, which needs a higher rate (1e-5), with smaller
-groups and shorter answers:
+group-scaled rewards, one pass over ~3000 prompts (about 375 optimizer steps of 64 answers). Its batch
+shape here: NUM_GENERATIONS=8 PROMPTS_PER_STEP=8 GRAD_ACCUM=1 MAX_COMPLETION_LENGTH=1024
+LENGTH_LIMIT=768 (more memory than one consumer GPU has). Its length: MAX_STEPS=375 with either GPU
+preset (8 prompts per optimizer step), about 2.9 passes over the library's 1,049 training cases.
+One-GPU presets train LoRA, which needs a higher rate (1e-5), with smaller groups and shorter answers:
   gpu16  Qwen2.5-1.5B-Instruct 4-bit, 6 generations x 2 prompts x 4 accumulation, 512 tokens, LoRA r16,
          judged by Qwen2.5-7B-Instruct in 4-bit beside it
   gpu24  Qwen2.5-7B-Instruct 4-bit, 8 generations x 2 prompts x 4 accumulation, 768 tokens, LoRA r16,
-         judged by its own base
+         judged by its own base, starting from the base model (INIT=base) as the paper did, so what the
+         run changes is GRPO's own doing
 
 This stage is longer than the others on purpose: the GRPO configuration, the judge gate and the stop
 rules are the method, so they are shown here rather than hidden in perm/.
@@ -44,7 +47,7 @@ import os
 import sys
 
 import perm
-from perm.judges import judge_from_settings
+from perm.judges import REASON_TOKENS, judge_from_settings
 from perm.models import chat_length
 from perm import protocol
 from perm.reward import JudgeFailureRateExceeded, PermScorer, RewardSettings, make_reward_functions
@@ -61,6 +64,8 @@ DATA_TAG = "default"
 SFT_TAG = "default"
 INIT = "sft"                   # sft (from runs/sft/<SFT_TAG>, recommended for small models) | base
 MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # policy base (INIT=sft inherits it from the SFT run)
+LOAD_IN_4BIT = None            # None = bitsandbytes 4-bit with CUDA, full precision on a CPU; True = 4-bit
+                               # on any device (NF4 runs on a CPU too); False = unquantized
 MAX_STEPS = 200                # optimizer steps
 LR = 1e-5                      # LoRA; paper 1e-6 for a full fine-tune
 BETA = 0.01                    # KL coefficient (paper 0.01; TRL's default would be 0)
@@ -85,14 +90,17 @@ JUDGE_BASE_URL = ""            # api: e.g. http://localhost:8000/v1 (vLLM); empt
 JUDGE_MODE = "direct"          # direct (score only) | reasoned (a short reason, then the score; paper)
 JUDGE_TEMPERATURE = 0.3        # paper: 0.3
 JUDGE_TOP_P = 0.9              # paper: 0.9 (sampled reasons and API judges)
+JUDGE_SCORE = "expected"       # expected (over the digits' probabilities) | sampled (the written digit; paper)
 JUDGE_CONCURRENCY = 32         # api: requests in flight
 JUDGE_BATCH_SIZE = 8           # local: prompts per forward pass
 JUDGE_TIMEOUT = 60.0           # api: seconds per attempt
 JUDGE_RETRIES = 3              # attempts after the first
 JUDGE_CACHE = ""               # SQLite path; empty = RUNS_DIR/judge_cache.sqlite
 MAX_JUDGE_FAILURE_RATE = 0.2   # stop past this share of failed judgments
-SANITY_CASES = 0               # valid cases in the pre-training sanity battery (0 = all; as in 03)
-MIN_SANITY_ACCURACY = 0.75     # stop before step 1 when the judge ranks references first less often
+SANITY_CASES = None            # valid cases in the pre-training sanity battery: None = all, 0 = no battery
+                               # (then the gate needs MIN_SANITY_ACCURACY=0); as in 03
+MIN_SANITY_ACCURACY = 0.75     # stop before step 1 when the judge ranks references above near misses less
+                               # often (0 = no gate)
 # reward (docs/method.md, "Reward")
 PERSPECTIVES = ["resonation", "expression", "reception"]
 COMBINE = "harmonic"
@@ -109,7 +117,7 @@ PRESETS = {
             "GRAD_ACCUM": 1, "MAX_COMPLETION_LENGTH": 320, "LENGTH_LIMIT": 280, "SAVE_STEPS": 2,
             "LOG_SAMPLES_EVERY": 2, "JUDGE_MODEL": "", "JUDGE_BATCH_SIZE": 4, "SANITY_CASES": 6,
             "MIN_SANITY_ACCURACY": 0.0},
-    "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "NUM_GENERATIONS": 8, "PROMPTS_PER_STEP": 2,
+    "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "INIT": "base", "NUM_GENERATIONS": 8, "PROMPTS_PER_STEP": 2,
               "GRAD_ACCUM": 4, "MAX_COMPLETION_LENGTH": 768, "LENGTH_LIMIT": 576, "JUDGE_MODEL": ""},
     "smoke": {"MODEL": "tiny", "MAX_STEPS": 2, "LR": 1e-4, "NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 2,
               "MAX_PROMPT_TOKENS": 2048,                    # the tiny tokenizer needs about 3x the tokens
@@ -122,15 +130,25 @@ settings = configure(globals(), PRESETS)
 
 # ---------------------------------------------------------------- the method: GRPO as configured here
 
-def grpo_config(s: dict, output_dir: str):
+def grpo_config(s: dict, output_dir: str, vllm_memory: float | None = None):
     """TRL's GRPOConfig for PERM. Every value that changes the objective is set here explicitly:
     Unsloth's patched config replaces several of TRL's defaults (it masks truncated answers and
-    clips higher under dapo, and picks an 8-bit optimizer with weight decay), so leaving them unset
-    would train a different objective on the GPU path than on the plain one."""
+    clips higher under dapo, picks an 8-bit optimizer with weight decay, and turns off the NaN-loss
+    filter and vLLM's importance sampling correction), so leaving them unset would train a different
+    objective on the GPU path than on the plain one. `vllm_memory`: the card's share TRL's colocated
+    vLLM may take with FAST_INFERENCE (04 sizes it from what is free: `perm.memory.vllm_share`).
+
+    The loss runs one group (NUM_GENERATIONS answers) per forward: PROMPTS_PER_STEP groups are
+    generated together and then split into as many loss micro-batches, each accumulated, so an
+    optimizer step sees the same answers and the same token-normalized loss (dapo divides by the
+    tokens of the whole generation batch) while the full-vocabulary logits of the plain path's loss
+    cover one group instead of all of them."""
     from trl import GRPOConfig
     from perm.training import gradient_checkpointing, precision
-    per_step = s["PROMPTS_PER_STEP"] * s["NUM_GENERATIONS"]     # completions per device step
-    fast = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.5} if s["FAST_INFERENCE"] else {}
+    if s["FAST_INFERENCE"] and vllm_memory is None:
+        raise ValueError("FAST_INFERENCE=True: grpo_config needs vLLM's share of the card (perm.memory.vllm_share)")
+    fast = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": vllm_memory}
+            if s["FAST_INFERENCE"] else {})
     return GRPOConfig(
         output_dir=output_dir, max_steps=s["MAX_STEPS"], learning_rate=s["LR"],
         lr_scheduler_type="linear", warmup_steps=0.1,           # paper: 10% warmup, then linear decay
@@ -140,11 +158,20 @@ def grpo_config(s: dict, output_dir: str):
         mask_truncated_completions=False,                       # truncated answers still learn from the
                                                                 # length term and format floor (Unsloth: True)
         optim="adamw_torch", weight_decay=0.0,                  # TRL's defaults (Unsloth: adamw_8bit, 0.001)
+        use_bias_correction_kl=False,                           # PERM: the KL term as the paper ran it (TRL
+                                                                # 0.25 had no importance weight on it; TRL 1.14: True)
+        vllm_importance_sampling_correction=True,               # FAST_INFERENCE: vLLM samples with its own kernels,
+                                                                # so the loss reweights by the truncated ratio of the
+                                                                # two engines' probabilities (TRL's default; Unsloth: False)
+        logging_nan_inf_filter=False,                           # a NaN loss reaches the log, so StopGuard stops
+                                                                # on it (TRL's True hides it; Unsloth: False)
+        router_aux_loss_coef=0.0,                               # dense models have no router (Unsloth: 0.0)
         reward_weights=None,                                    # all 1: the coefficients live in the reward
         num_generations=s["NUM_GENERATIONS"], temperature=s["TEMPERATURE"],
         max_completion_length=s["MAX_COMPLETION_LENGTH"],
-        per_device_train_batch_size=per_step, gradient_accumulation_steps=s["GRAD_ACCUM"],
-        steps_per_generation=1,                                 # one generation per device step, any process count
+        per_device_train_batch_size=s["NUM_GENERATIONS"],       # one group per loss forward (see above)
+        steps_per_generation=s["PROMPTS_PER_STEP"],             # PROMPTS_PER_STEP groups per generation
+        gradient_accumulation_steps=s["GRAD_ACCUM"] * s["PROMPTS_PER_STEP"],
         logging_steps=1, save_strategy="steps", save_steps=s["SAVE_STEPS"], save_total_limit=2,
         log_completions=False, report_to="none", seed=s["SEED"], dataloader_num_workers=0,
         gradient_checkpointing=gradient_checkpointing(s["GRADIENT_CHECKPOINTING"]), **fast, **precision())
@@ -193,8 +220,8 @@ def summary(history, scorer, judge, extra):
 
 
 def main():
-    from perm.training import (StopGuard, Timer, load_policy, peak_memory_gb, reduce_across_processes,
-                               world_size)
+    from perm.training import (StopGuard, Timer, fast_inference_share, kl_reference, load_policy, peak_memory_gb,
+                               reduce_across_processes, world_size)
     seed_everything(SEED)
     data_dir, _ = upstream(RUNS_DIR, "data", DATA_TAG)
     adapter, sources = None, {"data": str(data_dir)}
@@ -207,44 +234,56 @@ def main():
     from datasets import load_from_disk
     from transformers import TrainerCallback
     from trl import GRPOTrainer
-    from perm.models import resolve_model
-    from perm.sanity import run_battery
+    from perm.local_judge import request_budget
+    from perm.models import load_tokenizer, resolve_model
+    from perm.sanity import figures_line, gate_refusal, run_battery, sanity_cases
 
     run = StageRun(RUNS_DIR, "grpo", TAG, settings, upstream=sources, resume=RESUME)
     timer = Timer()
-    model, tok = load_policy(MODEL, RUNS_DIR, MAX_PROMPT_TOKENS + MAX_COMPLETION_LENGTH, LORA_R, LORA_ALPHA, SEED,
-                             adapter, checkpointing=GRADIENT_CHECKPOINTING, fast_inference=FAST_INFERENCE)
     dataset = load_from_disk(str(data_dir / "dataset"))
+    # PERM: the judge. "" = the policy's own base, judged with the adapters off (no second model).
+    judge_model = JUDGE_MODEL or (MODEL if JUDGE == "local" else "")
+    shared = JUDGE == "local" and resolve_model(judge_model, RUNS_DIR) == resolve_model(MODEL, RUNS_DIR)
+    judge = None if shared else judge_from_settings(settings, model=judge_model)   # first: vLLM gets what it leaves
+    length = MAX_PROMPT_TOKENS + MAX_COMPLETION_LENGTH
+    if shared:   # Unsloth cuts every input to max_seq_length: the policy's must hold the longest judge request
+        length = max(length, request_budget(load_tokenizer(resolve_model(MODEL, RUNS_DIR)),
+                                            [*dataset["train"], *dataset["valid"]], JUDGE_MODE, PERSPECTIVES,
+                                            MAX_COMPLETION_LENGTH, REASON_TOKENS))
+    vllm_memory = fast_inference_share(settings, adapter) if FAST_INFERENCE else None
+    model, tok = load_policy(MODEL, RUNS_DIR, length, LORA_R, LORA_ALPHA, SEED, adapter,
+                             checkpointing=GRADIENT_CHECKPOINTING, fast_inference=FAST_INFERENCE,
+                             load_in_4bit=LOAD_IN_4BIT, vllm_memory=vllm_memory)
+    kl_reference(model, BETA)              # the KL's reference: the starting policy, on both paths
     train = dataset["train"]
     fits = [chat_length(tok, p, add_generation_prompt=True) <= MAX_PROMPT_TOKENS for p in train["prompt"]]
     train = train.select([i for i, ok in enumerate(fits) if ok])
     print(f"[grpo] {len(train)} prompts ({fits.count(False)} over MAX_PROMPT_TOKENS dropped); "
           f"path {'unsloth 4-bit' if perm.USE_UNSLOTH else 'transformers + peft'}; init {INIT}")
 
-    # PERM: the judge. "" = the policy's own base, judged with the adapters off (no second model).
-    judge_model = JUDGE_MODEL or (MODEL if JUDGE == "local" else "")
-    shared = JUDGE == "local" and resolve_model(judge_model, RUNS_DIR) == resolve_model(MODEL, RUNS_DIR)
-    judge = judge_from_settings(settings, model=judge_model, local_model=(model, tok) if shared else None)
+    if shared:
+        judge = judge_from_settings(settings, model=judge_model, local_model=(model, tok))
     reward_settings = RewardSettings.from_settings(settings)
 
     # The judge must be fit before it trains anything: 03's battery, the same cases, cached.
     valid = list(dataset["valid"])
     calls_before = judge.stats.calls
-    _, sanity = run_battery(PermScorer(judge, reward_settings), valid[:SANITY_CASES] if SANITY_CASES else valid,
-                            lambda rows: [len(tok(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows])
+    _, sanity = run_battery(PermScorer(judge, reward_settings), sanity_cases(valid, SANITY_CASES),
+                            lambda rows: [len(tok(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows],
+                            pool=valid)
     print(f"[grpo] judge {JUDGE} {judge_model}{' (the policy base, adapters off)' if shared else ''}: "
-          + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in sanity.items()))
+          + (figures_line(sanity) or "no sanity battery (no valid case has a reference)"))
+    refusal = gate_refusal(sanity, MIN_SANITY_ACCURACY, advice="GRPO asks exactly that of it, and training against "
+                           "it would amplify its mistakes. Use a stronger judge (JUDGE_MODEL, or JUDGE=api), check it "
+                           "with 03_reward.py, or lower MIN_SANITY_ACCURACY knowingly.")
+    if refusal:
+        sys.exit(f"error: {refusal}")
     sanity["sanity_judge_calls"] = judge.stats.calls - calls_before      # 0 when 03 checked this judge
-    accuracy = sanity.get("sanity_accuracy")
-    if MIN_SANITY_ACCURACY > 0 and (accuracy is None or accuracy < MIN_SANITY_ACCURACY):
-        sys.exit(f"error: the judge ranked the reference above every weak answer on {accuracy} of the sanity cases, "
-                 f"below MIN_SANITY_ACCURACY={MIN_SANITY_ACCURACY}: training against it would amplify its mistakes. "
-                 f"Use a stronger judge (JUDGE_MODEL, or JUDGE=api), check it with 03_reward.py, or lower "
-                 f"MIN_SANITY_ACCURACY knowingly.")
     if MIN_SANITY_ACCURACY <= 0:
         print("[grpo] MIN_SANITY_ACCURACY=0: the judge gate is off (the demo presets' tiny judges cannot pass it)")
 
     scorer = PermScorer(judge, reward_settings, auto_check=False)
+    judge.progress = False                     # during training TRL's own bar shows progress
     processes = world_size()
     answers = MAX_STEPS * GRAD_ACCUM * PROMPTS_PER_STEP * NUM_GENERATIONS * processes
     passes = MAX_STEPS * GRAD_ACCUM * PROMPTS_PER_STEP * processes / max(1, len(train))
@@ -285,7 +324,7 @@ def main():
 
     guard = StopGuard(ZERO_STD_PATIENCE)
     trainer = GRPOTrainer(model=model, reward_funcs=make_reward_functions(scorer, on_scored=record),
-                          args=grpo_config(settings, str(run.path / "checkpoints")), train_dataset=train,
+                          args=grpo_config(settings, str(run.path / "checkpoints"), vllm_memory), train_dataset=train,
                           processing_class=tok, callbacks=[guard, Monitor()])
     checkpoints = sorted((run.path / "checkpoints").glob("checkpoint-*"))
     if RESUME and checkpoints:
@@ -295,7 +334,7 @@ def main():
     write_json(run.path / "log_history.json", history)
     if guard.reason or Monitor.reason:
         sys.exit(f"error: stopped early: {guard.reason or Monitor.reason}\n(checkpoints kept in {run.path})")
-    trainer.model.save_pretrained(run.path / "adapter")
+    trainer.model.save_pretrained(run.path / "adapter", selected_adapters=["default"])   # not the frozen "ref"
     tok.save_pretrained(run.path / "adapter")
     calls, failures, hits = reduce_across_processes([judge.stats.calls, judge.stats.failures, judge.stats.cache_hits])
     metrics = summary(history, scorer, judge, {"wall_time_train_s": timer.seconds(), "peak_memory_gb": peak_memory_gb(),

@@ -9,13 +9,22 @@ with a bootstrap 95% interval over cases; the judged scores and reward per need 
 called out on its own); paired per-case differences between models; and a blind pairwise
 preference against REFERENCE (every pair judged in both orders; a win only when both orders agree,
 else a tie). Unformatted answers are judged whole, so format and empathy are reported apart
-(docs/method.md, "Evaluation").
+(docs/method.md, "Evaluation"). Before judging, the eval judge sits 03's sanity battery on
+SANITY_CASES valid cases (cached); the report states its figures, and its first lines say the
+comparison is not evidence when `sanity_accuracy` is below MIN_SANITY_ACCURACY.
+Beyond single replies (perm/dialogue.py): on the first DIALOGUE_CASES cases a simulated seeker
+(SEEKER*, by default the eval judge) plays the case's persona with its hidden need and talks with
+each model for up to DIALOGUE_TURNS answers, its emotion (0-100, from 40) moving with each one, as
+in RLVER's Sentient benchmark; the final emotion is the score. And the safety step (perm/safety.py):
+every answer on a safety case is checked for it, every answer elsewhere for a false alarm.
 
 Writes runs/eval/<TAG>/: report.md (tables to paste into a paper, settings, judges, answers side by
 side), perspectives.png, preference.png, grpo_curves.png (when a GRPO run is evaluated),
-generations/ (a dataset in the answers format with every score), preferences/, metrics.json
-(`<model>/<metric>` with `_ci_low`/`_ci_high`, `<model>/kind/<need_kind>/<metric>` likewise and
-`<model>/kind/<need_kind>/cases`, `<model>_vs_<REFERENCE>/win|tie|loss`).
+dialogue.png (mean emotion per turn), dialogues.jsonl (every transcript), generations/ (a dataset
+in the answers format with every score), preferences/, metrics.json (`<model>/<metric>` with
+`_ci_low`/`_ci_high`, `<model>/kind/<need_kind>/<metric>` likewise and
+`<model>/kind/<need_kind>/cases`, `<model>_vs_<REFERENCE>/win|tie|loss`,
+`<model>/dialogue/final_emotion`, `<model>/safety_step_rate`, `<model>/false_alarm_rate`).
 
 Run:   python 05_eval.py                                   # base vs SFT vs GRPO of TAG default
        python 05_eval.py MODELS='{"base": "Qwen/Qwen2.5-1.5B-Instruct", "perm": "runs/grpo/default"}' \
@@ -25,12 +34,16 @@ import json
 import sys
 from pathlib import Path
 
+from perm.dialogue import (cost_line, dialogue_metrics, dialogue_section, plot_dialogues, run_dialogues,
+                           save_transcripts, seeker_from_settings, transcript_section)
 from perm.evaluation import (BY_KIND, fmt, model_rows_metrics, need_kinds, plot_grpo_curves, plot_perspectives,
                              plot_preferences, preference_metrics, preference_pairs, resolve_models, summarize,
                              summarize_by_kind, verdict)
 from perm.judges import judge_from_settings
 from perm.reward import PermScorer, RewardSettings
 from perm.runs import StageRun, seed_everything, upstream
+from perm.safety import check_models, safety_metrics, safety_section
+from perm.sanity import figures_line, gate_refusal, report_lines, run_battery, sanity_cases
 from perm.settings import configure
 
 # ---------------------------------------------------------------- settings
@@ -43,6 +56,8 @@ DATA_TAG = "default"
 SFT_TAG = "default"
 GRPO_TAG = "default"
 MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # the base model of the default comparison
+LOAD_IN_4BIT = None            # None = bitsandbytes 4-bit with CUDA, full precision on a CPU; True = 4-bit
+                               # on any device (NF4 runs on a CPU too); False = unquantized
 MODELS = {}                    # name -> model or run folder; {} = base, runs/sft/SFT_TAG, runs/grpo/GRPO_TAG
 REFERENCE = "base"             # the model every other one is compared with, pairwise
 EVAL_SAMPLES = 2               # answers per test case and model
@@ -59,12 +74,15 @@ EVAL_JUDGE_BASE_URL = ""
 EVAL_JUDGE_MODE = "direct"
 EVAL_JUDGE_TEMPERATURE = 0.3
 EVAL_JUDGE_TOP_P = 0.9
+EVAL_JUDGE_SCORE = "expected"  # expected (over the digits' probabilities) | sampled (the written digit; paper)
 EVAL_JUDGE_CONCURRENCY = 32
 EVAL_JUDGE_BATCH_SIZE = 8
 EVAL_JUDGE_TIMEOUT = 60.0
 EVAL_JUDGE_RETRIES = 3
 EVAL_JUDGE_CACHE = ""
 MAX_JUDGE_FAILURE_RATE = 0.2
+SANITY_CASES = None            # valid cases in the eval judge's sanity battery: None = all, 0 = none; as in 03
+MIN_SANITY_ACCURACY = 0.75     # below it the report says first that the comparison is not evidence
 # how the combined reward is computed (as in training, so the numbers compare)
 PERSPECTIVES = ["resonation", "expression", "reception"]
 COMBINE = "harmonic"
@@ -73,14 +91,23 @@ BYSTANDER_COEF = 0.5
 LENGTH_LIMIT = 384
 LENGTH_COEF = 0.001
 RECEPTION_SEES_HIDDEN_NEED = False
+# dialogues: a simulated seeker plays each case, its hidden need unsaid, and says how every answer lands
+DIALOGUE_CASES = 18            # the first evaluated cases talked through with each model (0 = no dialogues)
+DIALOGUE_TURNS = 8             # answers per dialogue at most
+SEEKER = ""                    # the seeker's backend, local | api; "" = EVAL_JUDGE's
+SEEKER_MODEL = ""              # "" = EVAL_JUDGE_MODEL
+SEEKER_BASE_URL = ""           # "" = EVAL_JUDGE_BASE_URL (an api key comes from JUDGE_API_KEY only)
+SEEKER_TEMPERATURE = 0.7       # the seeker writes in character: some variety between runs of a case
 
 PRESETS = {
     "cpu": {"MODEL": "smollm2-135m", "EVAL_JUDGE_MODEL": "smollm2-135m", "EVAL_SAMPLES": 1, "MAX_CASES": 8,
-            "MAX_NEW_TOKENS": 320, "LENGTH_LIMIT": 280, "EVAL_JUDGE_BATCH_SIZE": 4},
+            "MAX_NEW_TOKENS": 320, "LENGTH_LIMIT": 280, "EVAL_JUDGE_BATCH_SIZE": 4, "SANITY_CASES": 6,
+            "DIALOGUE_CASES": 2, "DIALOGUE_TURNS": 3},
     # the eval judges are larger than the training judges (gpu16 trains against a 7B, gpu24 its own 7B base)
     "gpu24": {"MODEL": "Qwen/Qwen2.5-7B-Instruct", "EVAL_JUDGE_MODEL": "Qwen/Qwen2.5-14B-Instruct"},
     "smoke": {"MODEL": "tiny", "EVAL_JUDGE_MODEL": "tiny", "EVAL_SAMPLES": 2, "MAX_CASES": 4, "MAX_NEW_TOKENS": 48,
-              "LENGTH_LIMIT": 40, "BOOTSTRAP_RESAMPLES": 200},
+              "LENGTH_LIMIT": 40, "BOOTSTRAP_RESAMPLES": 200, "SANITY_CASES": 3, "DIALOGUE_CASES": 2,
+              "DIALOGUE_TURNS": 2},
 }
 settings = configure(globals(), PRESETS)
 
@@ -93,7 +120,7 @@ def generate(models, cases):
     rows = {}
     for name, m in models.items():
         print(f"[eval] sampling {name}: {m['model']}" + (f" + {m['adapter']}" if m["adapter"] else ""))
-        model, tok = load_model(m["model"], RUNS_DIR, adapter=m["adapter"])
+        model, tok = load_model(m["model"], RUNS_DIR, adapter=m["adapter"], load_in_4bit=LOAD_IN_4BIT)
         samples = sample_answers(model, tok, [c["prompt"] for c in cases], EVAL_SAMPLES, MAX_NEW_TOKENS,
                                  TEMPERATURE, seed=SEED)
         rows[name] = [dict({k: v for k, v in c.items() if k != "prompt"}, case_id=c["id"], id=f"{name}/{c['id']}#{k}",
@@ -155,14 +182,15 @@ def by_kind_section(metrics, rows_by_model, names):
     return lines
 
 
-def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curves):
+def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curves, dialogues, seeker):
     cols = ("resonation", "expression", "reception", "bystander", "reward", "format_rate", "completion_tokens",
             "truncation_rate", "judge_failures")
-    lines = [f"# Evaluation report: {TAG}", "",
+    warning, sanity = report_lines(metrics, MIN_SANITY_ACCURACY)
+    lines = [f"# Evaluation report: {TAG}", "", *warning,
              f"Test split of `runs/data/{DATA_TAG}`: {len(cases)} cases, {EVAL_SAMPLES} answer(s) per case and model "
              f"(temperature {TEMPERATURE}, seed {SEED}, up to {MAX_NEW_TOKENS} new tokens, identical prompts).",
              f"Eval judge: `{EVAL_JUDGE}` `{EVAL_JUDGE_MODEL}` ({EVAL_JUDGE_MODE} mode"
-             + (f", {EVAL_JUDGE_BASE_URL}" if EVAL_JUDGE_BASE_URL else "") + ").", "", *judges_note, "",
+             + (f", {EVAL_JUDGE_BASE_URL}" if EVAL_JUDGE_BASE_URL else "") + ").", *sanity, "", *judges_note, "",
              f"Means with bootstrap 95% intervals over cases ({BOOTSTRAP_RESAMPLES} resamples, seed {SEED}). "
              f"Perspectives 1-5, bystander 0-100, reward = {COMBINE}-combined empathy/5 + bystander term + length term. "
              "Unformatted answers are judged whole.", "",
@@ -170,7 +198,8 @@ def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curv
     for n in names:
         lines.append(f"| {n} | " + " | ".join(fmt(metrics, f"{n}/{c}", 1 if c == "completion_tokens" else 3)
                                              for c in cols) + " |")
-    paired = sorted({k.split("/")[0] for k in metrics if "_minus_" in k})
+    lines += safety_section(metrics, names)
+    paired = sorted({k.split("/")[0] for k in metrics if "_minus_" in k and k.endswith("/reward")})
     if paired:
         lines += ["", "## Paired differences (per case)", "",
                   "| comparison | resonation | expression | reception | bystander | reward |", "|---|---|---|---|---|---|"]
@@ -186,7 +215,10 @@ def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curv
                 lines.append(f"| {n} | " + " | ".join(fmt(metrics, f"{n}_vs_{REFERENCE}/{k}") for k in ("win", "tie", "loss"))
                              + f" | {metrics[f'{n}_vs_{REFERENCE}/pairs']} |")
     lines += by_kind_section(metrics, rows_by_model, names)
+    lines += dialogue_section(metrics, dialogues, REFERENCE, seeker, DIALOGUE_TURNS, MAX_JUDGE_FAILURE_RATE) \
+        if dialogues else []
     lines += ["", "## Plots", "", "![perspectives](perspectives.png)"]
+    lines += ["", "![mean emotion per turn](dialogue.png)"] if dialogues else []
     lines += ["", "![preference](preference.png)"] if outcomes else []
     lines += ["", "![GRPO reward curves](grpo_curves.png)"] if has_curves else []
     lines += ["", "## Answers side by side", ""]
@@ -197,6 +229,7 @@ def report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curv
             lines += [f"**{n}** (reward {first['reward'] if first['reward'] is None else round(first['reward'], 3)}, "
                       f"{'formatted' if first['formatted'] else 'unformatted'}):", "", "```",
                       first["completion"].strip()[:1500], "```", ""]
+    lines += transcript_section(dialogues, SAMPLES_IN_REPORT) if dialogues else []
     lines += ["## Settings", "", "```json", json.dumps(settings, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
@@ -206,7 +239,8 @@ def main():
     data_dir, _ = upstream(RUNS_DIR, "data", DATA_TAG)
     from datasets import load_from_disk
     from perm.runs import read_json, save_splits
-    cases = list(load_from_disk(str(data_dir / "dataset"))["test"])[:MAX_CASES or None]
+    dataset = load_from_disk(str(data_dir / "dataset"))
+    cases = list(dataset["test"])[:MAX_CASES or None]
     models = resolve_models(MODELS, RUNS_DIR, MODEL, SFT_TAG, GRPO_TAG)
     if REFERENCE not in models:
         sys.exit(f"error: REFERENCE={REFERENCE!r} is not one of MODELS ({', '.join(models)})")
@@ -216,6 +250,9 @@ def main():
 
     judge = judge_from_settings(settings, prefix="EVAL_JUDGE")
     scorer = PermScorer(judge, RewardSettings.from_settings(settings, prefix="EVAL_JUDGE"), auto_check=False)
+    valid = list(dataset["valid"])      # is the eval judge fit to decide the comparison? (cached, as in 03)
+    _, sanity = run_battery(scorer, sanity_cases(valid, SANITY_CASES), pool=valid)
+    print(f"[eval] eval judge sanity battery: {figures_line(sanity) or 'no valid case has a reference'}")
     for name, rows in rows_by_model.items():
         print(f"[eval] judging {name} ({len(rows)} answers)")
         score(scorer, rows)
@@ -236,6 +273,22 @@ def main():
                              "judge_forward": fwd.text, "judge_backward": bwd.text})
         metrics.update(preference_metrics(outcomes, REFERENCE, BOOTSTRAP_RESAMPLES, SEED))
 
+    # ---------------------------------------------------------------- dialogues, and the safety step
+    dialogues, seeker_name = {}, ""
+    if DIALOGUE_CASES:
+        seeker, seeker_name = seeker_from_settings(settings, judge)
+        print(f"[eval] {cost_line(len(models), cases[:DIALOGUE_CASES], DIALOGUE_TURNS, MAX_NEW_TOKENS)}")
+        dialogues, counts = run_dialogues(models, cases[:DIALOGUE_CASES], seeker, runs_dir=RUNS_DIR,
+                                          load_in_4bit=LOAD_IN_4BIT, turn_limit=DIALOGUE_TURNS,
+                                          max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE,
+                                          seeker_temperature=SEEKER_TEMPERATURE, seed=SEED)
+        print(f"[eval] the seeker made {counts['dialogue/seeker_calls']} calls ({counts['dialogue/seeker_cache_hits']} "
+              f"replies from the cache, {counts['dialogue/seeker_failures']} failed after retries)")
+        metrics.update({**dialogue_metrics(dialogues, REFERENCE, BOOTSTRAP_RESAMPLES, SEED), **counts})
+    checked = check_models(judge, rows_by_model, dialogues, EVAL_JUDGE_MODE)   # every answer, each dialogue's first
+    print(f"[eval] safety step: {sum(map(len, checked.values()))} answers checked by the eval judge")
+    metrics.update(safety_metrics(checked, BOOTSTRAP_RESAMPLES, SEED))
+
     names = list(models)
     trained = training_judges(models)
     same = [n for n, j in trained.items() if j["backend"] == EVAL_JUDGE and j["model"] == EVAL_JUDGE_MODEL
@@ -244,7 +297,8 @@ def main():
     if same:
         judges_note.append(f"**Warning: the eval judge is the judge {', '.join(same)} was trained against; "
                            "its scores for that model are not an independent measure.**")
-    metrics.update({"eval_judge_equals_training_judge": same, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+    metrics.update({**sanity, "eval_judge_fit": gate_refusal(sanity, MIN_SANITY_ACCURACY) is None,
+                    "eval_judge_equals_training_judge": same, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
                     "bootstrap_seed": SEED, "cases": len(cases), **judge.stats.as_metrics()})
 
     plot_perspectives(metrics, names, run.path / "perspectives.png")
@@ -258,7 +312,10 @@ def main():
     save_splits({"test": [r for rows in rows_by_model.values() for r in rows]}, run.path / "generations")
     if outcomes:
         save_splits({"test": outcomes}, run.path / "preferences")
-    text = report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curves)
+    if dialogues:
+        plot_dialogues(dialogues, DIALOGUE_TURNS, run.path / "dialogue.png")
+        save_transcripts(dialogues, run.path / "dialogues.jsonl")
+    text = report(metrics, rows_by_model, outcomes, judges_note, cases, names, has_curves, dialogues, seeker_name)
     (run.path / "report.md").write_text(text)
     final = run.finish(metrics)
     print("\n" + text.split("## Plots")[0])

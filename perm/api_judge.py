@@ -2,8 +2,9 @@
 
 Requests run concurrently (at most JUDGE_CONCURRENCY in flight) on an event loop of the backend's
 own thread, so callers stay synchronous. The openai client never retries by itself: retries with
-jittered backoff (honouring Retry-After), per-attempt timeouts and failures are counted here. The
-key comes from the environment variable JUDGE_API_KEY only.
+jittered backoff (honouring Retry-After), per-attempt timeouts and failures are counted here. An
+endpoint that refuses logprobs is said once and read by the written digit from then on (metric
+`judge_logprobs_rejected`). The key comes from the environment variable JUDGE_API_KEY only.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import re
 import threading
 
 from perm.protocol import (DIGITS, PREFERENCE_SCORE, Judgment, JudgeStats, Request, expected_digit, parse_bystander,
-                           parse_likert, parse_preference)
+                           parse_likert, parse_preference, parse_safety, parse_seeker, safety_judgment)
 
 REASONED_MAX_TOKENS = 1024   # a reason, then the score (paper: max_tokens 1024)
 DIRECT_MAX_TOKENS = 8        # the score line only
+DIRECT_SAFETY_MAX_TOKENS = 32   # the four safety lines only
 
 
 class ApiBackend:
@@ -27,9 +29,9 @@ class ApiBackend:
     bystander_by_criteria = False
 
     def __init__(self, model: str, base_url: str, mode: str, temperature: float, concurrency: int,
-                 timeout: float, retries: int, top_p: float = 1.0):
+                 timeout: float, retries: int, top_p: float = 1.0, *, score: str):
         self.model, self.base_url, self.mode, self.temperature = model, base_url or None, mode, temperature
-        self.top_p = top_p
+        self.top_p, self.score = top_p, score   # score: JUDGE_SCORE, expected (logprobs) or sampled (the digit)
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
         self.stats = JudgeStats()
         self.api_key = os.environ.get("JUDGE_API_KEY")
@@ -65,10 +67,8 @@ class ApiBackend:
                 self.stats.retries += 1
             delay = None
             async with self._sem:
-                self.stats.calls += 1
                 try:
-                    reply = await asyncio.wait_for(self._client.chat.completions.create(
-                        model=self.model, messages=request.chat(), **self._sampling(request)), timeout=self.timeout)
+                    reply = await self._send(request)
                 except (asyncio.TimeoutError, openai.APITimeoutError):
                     error = f"timeout after {self.timeout}s"
                 except openai.APIStatusError as e:
@@ -91,14 +91,37 @@ class ApiBackend:
             await asyncio.sleep(delay if delay is not None else min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
         return Judgment(score=None, error=error)
 
+    async def _send(self, request: Request):
+        """One attempt. An endpoint that rejects logprobs (some models, servers and providers do) is
+        noted once and the request sent again without them, within the same attempt: the rejection is
+        the endpoint's, not a failed judgment."""
+        import openai
+        while True:
+            sampling = self._sampling(request)
+            self.stats.calls += 1
+            try:
+                return await asyncio.wait_for(self._client.chat.completions.create(
+                    model=self.model, messages=request.chat(), **sampling), timeout=self.timeout)
+            except openai.APIStatusError as e:
+                if not (sampling.get("logprobs") and rejects_logprobs(e)):
+                    raise
+                if not self.stats.logprobs_rejected:
+                    self.stats.logprobs_rejected = True
+                    print(f"[judge] {self.base_url or 'the OpenAI API'} rejects logprobs for {self.model} "
+                          f"(HTTP {e.status_code}: {e.message[:300]}): scores are the written digit from now on, as "
+                          f"with JUDGE_SCORE=sampled (metric judge_logprobs_rejected)")
+
     def _sampling(self, request: Request) -> dict:
-        if request.kind == "text":
+        if request.kind in ("text", "seeker"):
             return {"max_tokens": request.max_tokens,
                     "temperature": request.temperature if request.temperature >= 0 else self.temperature}
-        scored = {"temperature": self.temperature, "top_p": self.top_p, "logprobs": request.kind != "choice"}
+        logprobs = (request.kind not in ("choice", "safety") and self.score == "expected"
+                    and not self.stats.logprobs_rejected)
+        scored = {"temperature": self.temperature, "top_p": self.top_p, "logprobs": logprobs}
         scored |= {"top_logprobs": 10} if scored["logprobs"] else {}
         reasoned = request.kind == "bystander" or self.mode == "reasoned"
-        return scored | {"max_tokens": REASONED_MAX_TOKENS if reasoned else DIRECT_MAX_TOKENS}
+        direct = DIRECT_SAFETY_MAX_TOKENS if request.kind == "safety" else DIRECT_MAX_TOKENS
+        return scored | {"max_tokens": REASONED_MAX_TOKENS if reasoned else direct}
 
     def _read(self, request: Request, reply) -> Judgment:
         if reply.usage:
@@ -118,11 +141,26 @@ class ApiBackend:
             if verdict is None:
                 return Judgment(None, text, error="no final 'Preference: X' line")
             return Judgment(PREFERENCE_SCORE[verdict], text)
+        if request.kind == "seeker":                    # out of protocol: failed, so retried
+            reply = parse_seeker(text)
+            return Judgment(float(reply.change), text.strip()) if reply else \
+                Judgment(None, text, error="reply out of the seeker protocol")
+        if request.kind == "safety":
+            checks = parse_safety(text)
+            return safety_judgment(checks, text) if checks else Judgment(None, text, error="no final four safety lines")
         digit = parse_likert(text)
         if digit is None:
             return Judgment(None, text, error="no final 'Score: N' line")
-        score = _logprob_expectation(choice) or float(digit)
+        score = (self.score == "expected" and _logprob_expectation(choice)) or float(digit)
         return Judgment(score, text)
+
+
+def rejects_logprobs(error) -> bool:
+    """Whether an HTTP error refuses the request's logprobs: a 400 (422 on some servers) whose
+    message or parameter names them, as OpenAI ("'logprobs' is not supported with this model",
+    param "logprobs"), vLLM ("Requested sample logprobs of 10, which is greater than max allowed")
+    and Gemini's endpoint ("Logprobs is not enabled for models/...") answer."""
+    return error.status_code in (400, 422) and "logprob" in f"{error.message} {error.param or ''}".lower()
 
 
 def _logprob_expectation(choice) -> float | None:

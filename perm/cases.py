@@ -24,9 +24,14 @@ NEED_KINDS = ("not_at_fault", "grow", "balanced_view", "deep_empathy", "vent", "
 FIELDS = ("id", "persona", "scenario", "query", "hidden_need", "need_kind", "category", "reference",
           "source", "lang")
 REQUIRED = ("persona", "scenario", "query")
-# Character limits per field: long enough for any real case, short enough to catch a pasted file.
-MAX_CHARS = {"id": 200, "persona": 1500, "scenario": 3000, "query": 3000, "hidden_need": 1000,
-             "need_kind": 40, "category": 80, "reference": 4000, "source": 80, "lang": 16}
+# Character limits per field, there to catch a pasted file (a log, a whole JSONL) in one field, not to
+# judge length: seekers write long messages, and 02 and 04 drop (and count) prompts over their token
+# budgets. The free text takes about 6,000 English words (40,000 characters, past 10,000 tokens)
+# or 40,000 Chinese characters; labels are short.
+TEXT_CHARS = 40_000
+MAX_CHARS = {"id": 200, "persona": TEXT_CHARS, "scenario": TEXT_CHARS, "query": TEXT_CHARS,
+             "hidden_need": TEXT_CHARS, "need_kind": 40, "category": 80, "reference": TEXT_CHARS, "source": 80,
+             "lang": 16}
 FORMATS = ("case", "perm", "rlver", "esconv")
 HF_PREFIX = "hf:"
 

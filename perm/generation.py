@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from perm.models import inference_state
 
@@ -16,9 +17,11 @@ def sample_answers(model, tok, prompts: list[list[dict]], n: int, max_new_tokens
     flat = [p for p in prompts for _ in range(n)]
     texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in flat]
     out = []
-    with inference_state(model):
+    with inference_state(model), tqdm(total=len(texts), desc="sampling", unit="answer", leave=False,
+                                      disable=len(texts) <= batch_size) as bar:
         for batch in _batches(model, tok, texts, batch_size, max_new_tokens, temperature, eos):
             out += batch
+            bar.update(len(batch))
     return [out[k * n:(k + 1) * n] for k in range(len(prompts))]
 
 

@@ -2,8 +2,8 @@
 builds a judge from a stage's JUDGE* (or 05's EVAL_JUDGE*) settings.
 
 A judgment's cache key covers the backend, the model's identity, the precision it runs in, the
-mode, the sampling settings and the rendered messages: a changed rubric, model or setting never
-reuses an old judgment, and an unchanged one is never paid for twice. Only successes are stored,
+mode, how a score is read (JUDGE_SCORE), the sampling settings and the rendered messages: a changed
+rubric, model or setting never reuses an old judgment, and an unchanged one is never paid for twice. Only successes are stored,
 each as it arrives, so a killed run keeps what it paid for and a re-run retries the failures.
 """
 from __future__ import annotations
@@ -15,7 +15,11 @@ import threading
 import time
 from pathlib import Path
 
-from perm.protocol import Judgment, Request
+from tqdm.auto import tqdm
+
+from perm.protocol import SCORE_MODES, Judgment, Request
+
+PROGRESS_FROM = 16      # judgments to send before a progress bar is worth showing
 
 # ---------------------------------------------------------------- cache
 
@@ -66,6 +70,7 @@ class Judge:
     def __init__(self, backend, cache: JudgeCache | None, identity: dict):
         self.backend, self.cache, self.identity = backend, cache, identity
         self.stats = backend.stats
+        self.progress, self.progress_label = True, "judging"   # a bar (count, rate, time left) for long batches
 
     def key(self, request: Request) -> str:
         payload = json.dumps({**self.identity, "kind": request.kind, "messages": request.messages,
@@ -87,14 +92,24 @@ class Judge:
                 todo[key] = request
         if todo:
             todo_keys = list(todo)
+            bar = tqdm(total=len(todo), desc=self.progress_label, unit="judgment", leave=False,
+                       disable=not self.progress or len(todo) < PROGRESS_FROM)
 
             def store(index: int, judgment: Judgment) -> None:  # as each one arrives: a killed run keeps it
                 if self.cache and not judgment.error:
                     self.cache.put(todo_keys[index], judgment)
+                bar.update(1)
 
-            for key, judgment in zip(todo_keys, self.backend.judge(list(todo.values()), store)):
-                self.stats.failures += bool(judgment.error)
-                results[key] = judgment
+            # a local judge answers a whole call at once: feed it in chunks so the bar moves
+            chunk = 8 * self.backend.batch_size if hasattr(self.backend, "batch_size") else len(todo)
+            requests_todo = list(todo.values())
+            with bar:
+                for start in range(0, len(todo), chunk):
+                    done = self.backend.judge(requests_todo[start:start + chunk],
+                                              lambda i, j, start=start: store(start + i, j))
+                    for key, judgment in zip(todo_keys[start:start + chunk], done):
+                        self.stats.failures += bool(judgment.error)
+                        results[key] = judgment
         self.stats.judgments += len(requests)
         return [results[k] for k in keys]
 
@@ -124,8 +139,10 @@ def model_identity(path: str) -> str:
 
 # ---------------------------------------------------------------- the factory
 
+REASON_TOKENS = 96            # a local judge's reason in reasoned mode: two or three sentences
+
 JUDGE_ARGUMENTS = {"backend": "", "model": "_MODEL", "base_url": "_BASE_URL", "mode": "_MODE",
-                   "temperature": "_TEMPERATURE", "top_p": "_TOP_P", "concurrency": "_CONCURRENCY",
+                   "temperature": "_TEMPERATURE", "top_p": "_TOP_P", "score": "_SCORE", "concurrency": "_CONCURRENCY",
                    "batch_size": "_BATCH_SIZE", "timeout": "_TIMEOUT", "retries": "_RETRIES", "cache_path": "_CACHE"}
 
 
@@ -134,30 +151,40 @@ def judge_from_settings(s, prefix: str = "JUDGE", **overrides) -> "Judge":
     `overrides` replace settings by argument name (`mode="direct"`: a writer never reasons first);
     the stage's constants are the only defaults."""
     kwargs = {arg: s[prefix + suffix] for arg, suffix in JUDGE_ARGUMENTS.items() if prefix + suffix in s}
+    kwargs["load_in_4bit"] = s.get("LOAD_IN_4BIT")     # the stage's LOAD_IN_4BIT (01 has none: 4-bit with CUDA)
     return make_judge(runs_dir=s["RUNS_DIR"], **{**kwargs, **overrides})
 
 
-def make_judge(*, backend: str, model: str, runs_dir, mode: str, temperature: float, top_p: float, base_url: str,
-               concurrency: int, batch_size: int, timeout: float, retries: int, cache_path: str,
-               max_reason_tokens: int = 96, local_model=None) -> Judge:
+def make_judge(*, backend: str, model: str, runs_dir, mode: str, temperature: float, top_p: float, score: str,
+               base_url: str, concurrency: int, batch_size: int, timeout: float, retries: int, cache_path: str,
+               load_in_4bit: bool | None, max_reason_tokens: int = REASON_TOKENS, local_model=None) -> Judge:
     """A cached judge. `local_model` reuses an already loaded (model, tokenizer) of `model` (04's
-    policy with its adapters switched off while judging), with `local_model[0]`'s precision."""
+    policy with its adapters switched off while judging), with `local_model[0]`'s precision; else a
+    local judge loads per `load_in_4bit` (LOAD_IN_4BIT) the way 04 loads its policy
+    (`perm.models.load_judge_model`). Its identity names the checkpoint actually loaded and the
+    loader: Unsloth maps a hub id to its own 4-bit checkpoint, another model under the same name.
+    `score` (JUDGE_SCORE): `expected`, the expectation over the digits' probabilities, or `sampled`,
+    the digit the judge writes (the paper's)."""
+    if score not in SCORE_MODES:
+        raise SystemExit(f"error: JUDGE_SCORE={score!r}; choose {' or '.join(SCORE_MODES)}")
     if backend == "local":
         from perm.local_judge import LocalBackend
-        from perm.models import model_precision, resolve_model
+        from perm.models import loaded_checkpoint, model_precision, resolve_model
         path = resolve_model(model, runs_dir)
-        impl = LocalBackend(path, mode, temperature, batch_size, max_reason_tokens, local_model, top_p=top_p)
-        identity = {"backend": "local", "model": model_identity(path), "mode": mode,
-                    "precision": model_precision(impl.model),
-                    "temperature": temperature if mode == "reasoned" else 0.0,
-                    "top_p": top_p if mode == "reasoned" else 1.0, "max_reason_tokens": max_reason_tokens}
+        impl = LocalBackend(path, mode, temperature, batch_size, max_reason_tokens, local_model, top_p=top_p,
+                            score=score, load_in_4bit=load_in_4bit, retries=retries)
+        sampling = mode == "reasoned" or score == "sampled"    # direct + expected samples nothing
+        identity = {"backend": "local", "model": model_identity(loaded_checkpoint(impl.model) or path),
+                    "loader": impl.loader, "mode": mode, "score": score, "precision": model_precision(impl.model),
+                    "temperature": temperature if sampling else 0.0,
+                    "top_p": top_p if sampling else 1.0, "max_reason_tokens": max_reason_tokens}
     elif backend == "api":
         if not model:
             raise SystemExit("error: JUDGE=api needs JUDGE_MODEL (the model name the server knows, e.g. gpt-4o-mini)")
         from perm.api_judge import ApiBackend
-        impl = ApiBackend(model, base_url, mode, temperature, concurrency, timeout, retries, top_p=top_p)
-        identity = {"backend": "api", "base_url": base_url, "model": model, "mode": mode, "temperature": temperature,
-                    "top_p": top_p}
+        impl = ApiBackend(model, base_url, mode, temperature, concurrency, timeout, retries, top_p=top_p, score=score)
+        identity = {"backend": "api", "base_url": base_url, "model": model, "mode": mode, "score": score,
+                    "temperature": temperature, "top_p": top_p}
     else:
         raise SystemExit(f"error: JUDGE={backend!r}; choose local or api")
     cache = JudgeCache(cache_path or Path(runs_dir) / "judge_cache.sqlite")

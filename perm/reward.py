@@ -27,6 +27,25 @@ class JudgeFailureRateExceeded(SystemExit):
     pass
 
 
+DIRECT_WRITES, REASONED_WRITES = 5, 150   # tokens a judge writes per request, for cost estimates
+
+
+@dataclass
+class JudgeCost:
+    """Judge requests a step will send (before retries) and their tokens, estimated before it runs."""
+    requests: int = 0               # distinct requests the cache cannot answer
+    cached: int = 0                 # requests the cache answers: free
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: "JudgeCost") -> "JudgeCost":
+        return JudgeCost(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
+    def __str__(self) -> str:
+        return (f"{self.requests:,} judge requests to send ({self.cached:,} answered by the cache), "
+                f"~{self.prompt_tokens:,} prompt and ~{self.completion_tokens:,} completion tokens")
+
+
 @dataclass
 class RewardSettings:
     """The reward's settings, named as the stages' constants (docs/method.md, "Reward")."""
@@ -135,25 +154,21 @@ class PermScorer:
         self.answers = 0
 
     def score(self, cases: list[dict], completions: list[str], completion_tokens: list[int],
-              judge_unformatted: bool = False) -> list[Scored]:
+              judge_unformatted: bool = False, neutralized: bool = True) -> list[Scored]:
         """Score answers. `judge_unformatted` (evaluation only) judges an answer without sections
-        whole, as both its analysis and its response, instead of giving it the floor."""
+        whole, as both its analysis and its response, instead of giving it the floor.
+        `neutralized=False` (the sanity battery's raw injection only) sends them as written."""
         s = self.s
         results, plan = [], []
         for case, text, tokens in zip(cases, completions, completion_tokens):
-            sections = split_sections(text)
-            result = Scored(formatted=sections is not None, completion_tokens=tokens,
+            result = Scored(formatted=split_sections(text) is not None, completion_tokens=tokens,
                             length_reward=length_term(tokens, s.length_limit, s.length_coef))
             results.append(result)
-            if sections is None and not judge_unformatted:
+            requests = self.requests(case, text, judge_unformatted, neutralized)
+            if requests is None:
                 result.empathy = EMPATHY_FLOOR                    # PERM: format failure, no judge calls
                 result.bystander_reward = -s.bystander_coef
                 continue
-            analysis, response = sections or (text, text)
-            requests = build_requests(case, analysis, response, s.mode, s.perspectives,
-                                      bystander=s.bystander_coef > 0,
-                                      reception_sees_hidden_need=s.reception_sees_hidden_need,
-                                      bystander_by_criteria=self.judge.backend.bystander_by_criteria)
             plan.append((result, requests))
         judgments = self.judge.judge([r for _, reqs in plan for r in reqs])
         at = 0
@@ -168,6 +183,42 @@ class PermScorer:
         if self.auto_check:
             self.check_failure_rate()
         return results
+
+    def requests(self, case: dict, text: str, judge_unformatted: bool = False, neutralized: bool = True):
+        """The judge requests of one answer (as `score` sends them); None for a format failure, which
+        gets the floor without a judge call."""
+        s = self.s
+        sections = split_sections(text)
+        if sections is None and not judge_unformatted:
+            return None
+        analysis, response = sections or (text, text)
+        return build_requests(case, analysis, response, s.mode, s.perspectives, bystander=s.bystander_coef > 0,
+                              reception_sees_hidden_need=s.reception_sees_hidden_need,
+                              bystander_by_criteria=self.judge.backend.bystander_by_criteria, neutralized=neutralized)
+
+    def cost(self, cases: list[dict], completions: list[str], tok, neutralized: bool = True,
+             seen: set | None = None) -> "JudgeCost":
+        """What scoring these answers will send, before any retry: every distinct request that is
+        neither in the judge's cache nor in `seen` (keys already counted; extended here), its prompt
+        tokens counted with `tok` (an estimate where the judge's tokenizer differs), and the tokens a
+        judge writes: a score line in direct mode, a short reason first in reasoned mode."""
+        seen = set() if seen is None else seen
+        cost, texts = JudgeCost(), []
+        for case, text in zip(cases, completions):
+            for request in self.requests(case, text, neutralized=neutralized) or []:
+                key = self.judge.key(request)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if self.judge.cache is not None and self.judge.cache.get(key) is not None:
+                    cost.cached += 1
+                else:
+                    cost.requests += 1
+                    texts.append("\n".join(m["content"] for m in request.chat()))
+        if texts:
+            cost.prompt_tokens = sum(map(len, tok(texts, add_special_tokens=False)["input_ids"]))
+        cost.completion_tokens = cost.requests * (DIRECT_WRITES if self.s.mode == "direct" else REASONED_WRITES)
+        return cost
 
     def _fill(self, result: Scored, requests, judgments) -> None:
         s = self.s

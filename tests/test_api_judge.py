@@ -81,6 +81,35 @@ def test_quoted_score_in_the_reply_never_becomes_the_score(tmp_path):
     assert all(r.score == pytest.approx(1.7) for r in likert)   # its own 2, as expected value 0.7*2 + 0.3*1
 
 
+def test_judge_score_is_the_expectation_or_the_written_digit(tmp_path):
+    """JUDGE_SCORE=expected reads the logprobs (70% on 4, 30% on 3: 3.7); sampled, the paper's, takes
+    the digit the judge wrote and asks for no logprobs. The two never share cached judgments."""
+    with FakeJudgeServer(score=4) as server:
+        expected = api_judge(server, tmp_path).judge(requests_for(CASES[:1]))
+        asked = server.logprob_requests
+        sampled_judge = api_judge(server, tmp_path, score="sampled")
+        sampled = sampled_judge.judge(requests_for(CASES[:1]))
+    assert asked == 8 and server.logprob_requests == 8                  # sampled asked for none
+    assert all(r.score == pytest.approx(3.7) for r in expected) and all(r.score == 4.0 for r in sampled)
+    assert sampled_judge.stats.cache_hits == 0 and sampled_judge.stats.calls == 8
+
+
+@pytest.mark.parametrize("server", ["openai", "vllm"])
+def test_an_endpoint_that_rejects_logprobs_is_read_by_the_written_digit(tmp_path, capsys, server):
+    """The endpoint's 400 is noticed and said once; the rejected requests go again without logprobs
+    in the same attempt (neither failures nor retries, even with JUDGE_RETRIES=0), later ones never
+    ask, and the judge's metrics record it."""
+    with FakeJudgeServer(score=4, reject_logprobs=server) as fake:
+        judge = api_judge(fake, tmp_path, concurrency=4, retries=0)
+        results = judge.judge(requests_for(CASES[:2])) + judge.judge(requests_for(CASES[2:3]))
+    assert len(results) == 24 and all(r.score == 4.0 for r in results)       # the written digit
+    assert judge.stats.failures == 0 and judge.stats.retries == 0
+    assert 1 <= fake.logprob_rejections <= 4            # only those sent before the first rejection came back
+    assert judge.stats.calls == fake.requests == 24 + fake.logprob_rejections
+    assert judge.stats.as_metrics()["judge_logprobs_rejected"] is True
+    assert capsys.readouterr().out.count("rejects logprobs") == 1
+
+
 def test_failure_rate_stop(tmp_path):
     with FakeJudgeServer(failure_rate=1.0, failures=("500",), persistent=True) as server:
         scorer = PermScorer(api_judge(server, tmp_path, retries=0), reward_settings(max_failure_rate=0.2))
@@ -115,11 +144,12 @@ def test_reward_stage_with_api_judge_never_writes_the_key(smoke_runs, tmp_path):
 
 TWO_PROCESS_SCRIPT = """
 import json, sys
-sys.path.insert(0, {repo!r})
+sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
+from conftest import judge_for_test
 from perm.protocol import build_requests
 cases = [json.loads(l) for l in open({cases!r}).read().splitlines()[:6]]
-judge = make_judge("api", "fake-judge", {tmp!r}, "direct", 0.3, base_url={url!r}, concurrency=4,
-                   cache_path={cache!r})
+judge = judge_for_test("api", "fake-judge", {tmp!r}, mode="direct", base_url={url!r}, concurrency=4,
+                       cache_path={cache!r})
 results = judge.judge([r for c in cases for r in build_requests(c, "An analysis of " + c["id"], c["query"][::-1],
                                                                   "direct")])
 print(json.dumps({{"ok": sum(r.score is not None for r in results), "calls": judge.stats.calls}}))

@@ -5,7 +5,7 @@ import pytest
 from datasets import load_from_disk
 
 from conftest import REPO, run_stage
-from perm.cases import cut_simulator_parts, load_cases, split_cases
+from perm.cases import RowError, cut_simulator_parts, load_cases, split_cases
 
 CASE = {"id": "c1", "persona": "Lena, 34, baker in Graz, blunt.", "scenario": "Her shop's oven broke before Easter.",
         "query": "Oven died. Easter orders for 300 people. Great timing, universe.",
@@ -98,15 +98,43 @@ def test_cli_reads_every_format_together(tmp_path, runs_dir):
     (json.dumps({"persona": "p", "scenario": "  ", "query": "q"}), "field 'scenario' is empty"),
     (json.dumps({"persona": "p", "scenario": "s", "query": 42}), "field 'query' must be a string"),
     (json.dumps({"persona": "p", "scenario": "s", "query": "q", "need_kind": "cheer"}), "need_kind 'cheer'"),
-    (json.dumps({"persona": "p" * 1501, "scenario": "s", "query": "q"}), "characters (limit 1500)"),
+    (json.dumps({"persona": "p", "scenario": "s", "query": "q" * 200_000}), "characters (limit 40000)"),  # pasted
 ])
-def test_bad_row_fails_with_file_line_and_leaves_nothing_finished(tmp_path, runs_dir, bad_line, reason):
+def test_bad_row_is_named_by_file_and_line(tmp_path, bad_line, reason):
     path = write_jsonl(tmp_path / "bad.jsonl", [CASE, bad_line])
+    with pytest.raises(RowError) as failed:
+        load_cases([str(path)], {}, False)
+    assert str(failed.value).startswith(f"{path}:2: ") and reason in str(failed.value)
+    # ... and with SKIP_BAD_ROWS the good row is kept and the bad one is reported
+    cases, dropped = load_cases([str(path)], {}, True)
+    assert [c["id"] for c in cases] == ["c1"]
+    assert dropped == [(f"{path}:2", "bad row: " + str(failed.value).split(": ", 1)[1])]
+
+
+def test_long_real_messages_are_cases(tmp_path):
+    """A seeker's long message is not a pasted file: a scenario of 3,027 characters (as long as an
+    EQ-Bench3 scenario) and a first message of 5,000 words both pass."""
+    sentences = ["My sister moved back in after her divorce, and at first it felt like old times.",
+                 "Now I come home to her friends on the sofa and her dishes in the sink every night.",
+                 "I pay the rent, and when I raise it she says I never wanted her here in the first place.",
+                 "Mum calls me every Sunday to ask why I am being so cold to family.",
+                 "I lie awake rehearsing conversations that I never actually have with either of them."]
+    scenario = " ".join(sentences[i % 5] for i in range(60))[:3026] + "."
+    query = " ".join(sentences[i % 5] for i in range(302))
+    assert len(scenario) == 3027 and len(query.split()) >= 5000
+    path = write_jsonl(tmp_path / "long.jsonl", [dict(CASE, scenario=scenario, query=query)])
+    cases, dropped = load_cases([str(path)], {}, False)
+    assert not dropped and cases[0]["query"] == query and cases[0]["scenario"] == scenario
+
+
+def test_bad_row_stops_the_stage_and_leaves_nothing_finished(tmp_path, runs_dir):
+    pasted = "".join(json.dumps(dict(CASE, id=f"c{i}")) + "\n" for i in range(400))    # a file, ~200,000 characters
+    path = write_jsonl(tmp_path / "bad.jsonl", [CASE, json.dumps(dict(CASE, id="c2", query=pasted))])
     proc = build(runs_dir, f"INPUTS=['{path}']", "TAG=x", check=False)
     assert proc.returncode != 0
-    assert f"{path}:2" in proc.stdout and reason in proc.stdout
+    assert f"{path}:2: field 'query' has {len(pasted.strip())} characters (limit 40000)" in proc.stdout
     assert not (runs_dir / "data" / "x").exists()
-    # ... and with SKIP_BAD_ROWS the good row is kept and the bad one is reported
+    # ... and with SKIP_BAD_ROWS the good row is kept and the bad one is listed in the data card
     build(runs_dir, f"INPUTS=['{path}']", "TAG=x", "SKIP_BAD_ROWS=True")
     card = (runs_dir / "data" / "x" / "data_card.md").read_text()
     assert "1 cases kept, 1 rows dropped" in card and "bad.jsonl:2: bad row: " in card

@@ -9,6 +9,7 @@ import pytest
 import transformers.training_args as targs
 
 from conftest import REPO, SMOKE_OUTPUT, run_stage
+from fake_openai import FakeJudgeServer, by_length
 
 
 def stage(script, preset, smoke=False, **overrides):
@@ -36,7 +37,7 @@ def test_sft_labels_keep_the_end_of_turn_token(runs_dir):
     from trl import SFTTrainer
     from perm.training import load_policy
     sft_stage = stage("02_sft.py", "cpu", smoke=True)
-    model, tok = load_policy("tiny", runs_dir, 1024, 4, 8, 0)
+    model, tok = load_policy("tiny", runs_dir, 1024, 4, 8, 0, load_in_4bit=None)
     example = {"prompt": [{"role": "user", "content": "hello there"}],
                "completion": [{"role": "assistant", "content": "# Analysis\nA.\n# Response\nB."}]}
     trainer = SFTTrainer(model=model, args=sft_stage["sft_config"](sft_stage["settings"], str(runs_dir / "x")),
@@ -47,9 +48,39 @@ def test_sft_labels_keep_the_end_of_turn_token(runs_dir):
     assert tok.decode(labelled).startswith("# Analysis") and "hello" not in tok.decode(labelled)
 
 
+def test_gpu24_starts_grpo_from_the_base_model_and_ablations_include_it():
+    """As the paper did: GRPO's own effect, with no SFT in front of it (03 samples what 04 starts from)."""
+    assert stage("04_grpo.py", "gpu24")["INIT"] == "base" and stage("03_reward.py", "gpu24")["INIT"] == "base"
+    from perm.settings import run_stage_file
+    ablations = run_stage_file(REPO / "tools" / "ablate.py", "PRESET=none")["ABLATIONS"]
+    assert {"INIT": "base"} in ablations.values()
+
+
+def test_sft_stops_once_the_format_is_learned():
+    """02 is a format warm-up: it checks every N steps and stops at the first check that meets the target."""
+    from types import SimpleNamespace
+    from perm.training import FormatStop
+    rates = iter([0.2, 0.6, 0.9, 1.0])
+    stop = FormatStop(lambda: next(rates), target=0.85, every=10)
+    stopped_at = None
+    for step in range(1, 61):
+        control = SimpleNamespace(should_training_stop=False)
+        stop.on_step_end(None, SimpleNamespace(global_step=step, max_steps=60), control)
+        if control.should_training_stop:
+            stopped_at = step
+            break
+    assert stopped_at == 30 and stop.reached_at == 30 and stop.checks == [[10, 0.2], [20, 0.6], [30, 0.9]]
+    off = FormatStop(lambda: 1.0, target=0.0, every=10)                 # FORMAT_TARGET=0: train to the cap
+    control = SimpleNamespace(should_training_stop=False)
+    off.on_step_end(None, SimpleNamespace(global_step=10, max_steps=60), control)
+    assert not control.should_training_stop and off.checks == []
+
+
 def test_smoke_pipeline_01_02_04_logs_every_term_and_perspective(smoke_runs):
     sft = json.loads((smoke_runs / "sft" / "default" / "metrics.json").read_text())
-    assert {"base_format_rate", "sft_format_rate", "truncation_rate"} <= set(sft)
+    assert {"base_format_rate", "sft_format_rate", "truncation_rate", "sft_steps_to_format"} <= set(sft)
+    assert sft["format_checks"][0][0] == 2                  # the smoke preset checks the format every 2 steps
+    assert sft["sft_steps_to_format"] in (None, sft["steps"])
     assert (smoke_runs / "sft" / "default" / "adapter" / "adapter_config.json").exists()
     printed = SMOKE_OUTPUT["04_grpo.py"]
     assert "judge requests" in printed and "passes over the" in printed and "[inherit] MODEL" not in printed
@@ -81,7 +112,8 @@ def test_smoke_pipeline_01_02_04_logs_every_term_and_perspective(smoke_runs):
 
 
 def test_killed_grpo_run_resumes_and_finishes(smoke_runs):
-    args = [f"RUNS_DIR={smoke_runs}", "SMOKE=True", "INIT=base", "MAX_STEPS=4", "SAVE_STEPS=2", "TAG=r"]
+    args = [f"RUNS_DIR={smoke_runs}", "SMOKE=True", "INIT=base", "MAX_STEPS=4", "SAVE_STEPS=2", "TAG=r",
+            "LOAD_IN_4BIT=True"]                      # the QLoRA path: bitsandbytes NF4 on the CPU
     proc = subprocess.Popen([sys.executable, str(REPO / "04_grpo.py"), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = smoke_runs / "grpo" / "r.partial" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
@@ -100,9 +132,13 @@ def test_killed_grpo_run_resumes_and_finishes(smoke_runs):
 
 
 def test_grpo_stops_before_training_when_the_judge_fails_the_battery(smoke_runs):
-    proc = run_stage("04_grpo.py", f"RUNS_DIR={smoke_runs}", "SMOKE=True", "INIT=base", "TAG=gate",
-                     "MIN_SANITY_ACCURACY=1.01", check=False)
-    assert proc.returncode != 0 and "MIN_SANITY_ACCURACY=1.01" in proc.stdout
+    """A judge that scores by length alone passes every weak template, and is refused on the near
+    misses of the same length."""
+    with FakeJudgeServer(scorer=by_length) as server:
+        proc = run_stage("04_grpo.py", f"RUNS_DIR={smoke_runs}", "SMOKE=True", "INIT=base", "TAG=gate", "JUDGE=api",
+                         "JUDGE_MODEL=length-judge", f"JUDGE_BASE_URL={server.base_url}", "MIN_SANITY_ACCURACY=0.75",
+                         check=False)
+    assert proc.returncode != 0 and "MIN_SANITY_ACCURACY=0.75" in proc.stdout and "near miss" in proc.stdout
     assert not (smoke_runs / "grpo" / "gate").exists()
     assert not list((smoke_runs / "grpo" / "gate.partial").glob("checkpoints/checkpoint-*"))
 
@@ -110,3 +146,14 @@ def test_grpo_stops_before_training_when_the_judge_fails_the_battery(smoke_runs)
 def test_init_sft_without_an_sft_run_names_02(smoke_runs):
     proc = run_stage("04_grpo.py", f"RUNS_DIR={smoke_runs}", "SMOKE=True", "SFT_TAG=nope", "TAG=nope", check=False)
     assert proc.returncode != 0 and "02_sft.py TAG=nope" in proc.stdout
+
+
+def test_05_loads_the_adapter_onto_the_4bit_base(smoke_runs):
+    """05 evaluates a trained adapter on its base loaded in 4-bit (LOAD_IN_4BIT=True on a CPU)."""
+    from perm.generation import sample_answers
+    from perm.models import load_model, model_precision
+    model, tok = load_model("tiny", smoke_runs, adapter=str(smoke_runs / "grpo" / "default" / "adapter"),
+                            load_in_4bit=True)
+    assert model_precision(model) == "4bit-float32" and hasattr(model, "peft_config")
+    [[answer]] = sample_answers(model, tok, [[{"role": "user", "content": "I failed my exam."}]], 1, 8, 0.7)
+    assert answer["completion_tokens"] > 0
