@@ -61,14 +61,16 @@ def paste_and_run(cells: list[tuple[str, str]], shell=None) -> dict:
 @pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory, model_cache):
     """One RUNS_DIR where the smoke pipeline 01 -> 05 has run once, each stage pasted as a notebook
-    cell into one IPython namespace with SMOKE, RUNS_DIR and one more constant edited in its text.
+    cell into one IPython namespace with SMOKE, RUNS_DIR, LOAD_IN_4BIT (bitsandbytes 4-bit: the QLoRA
+    path) and one more constant edited in its text. The notebook test runs the full-precision path.
     Tests that only read these outputs, or add runs under tags of their own, share it instead of
     paying for the same stages again."""
     runs = tmp_path_factory.mktemp("smoke") / "runs"
     runs.mkdir()
     (runs / "models").symlink_to(model_cache, target_is_directory=True)
-    cells = [(script, edit_constants((REPO / script).read_text(), {"SMOKE": True, "RUNS_DIR": str(runs),
-                                                                   PASTE_EDITS[script][0]: PASTE_EDITS[script][1]}))
+    cells = [(script, edit_constants((REPO / script).read_text(), {
+        "SMOKE": True, "RUNS_DIR": str(runs), PASTE_EDITS[script][0]: PASTE_EDITS[script][1],
+        **({"LOAD_IN_4BIT": True} if script != "01_build_data.py" else {})}))     # the QLoRA path, on a CPU too
              for script in STAGES]
     SMOKE_OUTPUT.update(paste_and_run(cells))
     return runs

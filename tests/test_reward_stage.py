@@ -32,7 +32,8 @@ def test_smoke_reward_stage_samples_scores_and_checks_sanity(smoke_runs):
             "over_analysis", "platitude", "reference"} <= set(sanity["model"])
     assert {"sanity_injection_raw", "sanity_beats_generic", "sanity_beats_empty"} <= set(metrics)
     assert "perspective_correlation" in metrics and "sanity_accuracy" in SMOKE_OUTPUT["03_reward.py"]
-    again = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "TAG=again", "TEMPERATURE=0.9")  # as pasted
+    again = run_stage("03_reward.py", f"RUNS_DIR={runs_dir}", "SMOKE=True", "TAG=again", "TEMPERATURE=0.9",
+                      "LOAD_IN_4BIT=True")  # as pasted: the same answers and the same 4-bit judge
     assert json.loads((runs_dir / "reward" / "again" / "metrics.json").read_text())["judge_calls"] == 0, again.stdout
 
 
