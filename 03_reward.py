@@ -158,7 +158,8 @@ def summarize(rows):
     judged = [r for r in rows if r["reward"] is not None and r["formatted"]]
     names = [p for p in (*protocol.PERSPECTIVES, "bystander") if all(r[p] is not None for r in judged)]
     if len(judged) > 2 and names:
-        matrix = np.corrcoef(np.array([[r[p] for p in names] for r in judged]).T)
+        with np.errstate(invalid="ignore", divide="ignore"):     # a constant perspective has no correlation: None
+            matrix = np.corrcoef(np.array([[r[p] for p in names] for r in judged]).T)
         m["perspective_correlation"] = {a: {b: (None if np.isnan(matrix[i, j]) else round(float(matrix[i, j]), 3))
                                             for j, b in enumerate(names)} for i, a in enumerate(names)}
     return m

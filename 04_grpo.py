@@ -241,6 +241,10 @@ def main():
     run = StageRun(RUNS_DIR, "grpo", TAG, settings, upstream=sources, resume=RESUME)
     timer = Timer()
     dataset = load_from_disk(str(data_dir / "dataset"))
+    if not any(c.get("reference") for c in sanity_cases(list(dataset["valid"]), SANITY_CASES)):
+        refusal = gate_refusal({}, MIN_SANITY_ACCURACY)        # before any model loads: nothing to check it on
+        if refusal:
+            sys.exit(f"error: {refusal}")
     # PERM: the judge. "" = the policy's own base, judged with the adapters off (no second model).
     judge_model = JUDGE_MODEL or (MODEL if JUDGE == "local" else "")
     shared = JUDGE == "local" and resolve_model(judge_model, RUNS_DIR) == resolve_model(MODEL, RUNS_DIR)

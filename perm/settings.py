@@ -1,26 +1,21 @@
 """Settings: UPPER_CASE constants at the top of a stage, overridable as KEY=VALUE.
 
-What runs is the file plus what you name, each later step winning:
-  1. the constants in the file, as you left them (the one-GPU configuration);
-  2. a preset: one you name (PRESET=gpu24, PRESET=cpu), or with PRESET=auto (the default) the cpu
-     demo preset on a machine without CUDA and nothing on a GPU; PRESET=none runs the file as written;
-  3. SMOKE=True: the tiny model and minimal sizes, for tests;
-  4. KEY=VALUE on the command line (or after `%run stage.py`).
-Every change a preset or the command line makes is printed as `KEY: old -> new`.
+What runs is the file plus what you name, each later step winning: (1) the file's constants, the
+one-GPU configuration; (2) a preset named by PRESET (gpu24, cpu; auto, the default, means cpu
+without CUDA and nothing on a GPU; none runs the file as written); (3) SMOKE=True, the tiny model;
+(4) KEY=VALUE on the command line or after `%run stage.py`. Every change prints `KEY: old -> new`.
 
-A stage's settings are the UPPER_CASE constants its own source text assigns at the top level, read
-alike from a script (`python`, `%run`, `exec(compile(text, path, "exec"))`) and from a notebook cell,
-so another stage's leftovers in a notebook namespace are neither read nor saved. HELP=True lists them
-with their comments. Typing follows the constant's type: a `str` takes the raw text; other types
-parse as Python literals (an int is accepted for a float); a `None` default takes any literal, else
-the raw text. An unknown key or a wrong type exits non-zero naming the valid keys. Arguments without
-`=` are ignored (Jupyter passes `-f kernel.json`).
+A stage's settings are the constants its own source text assigns at the top level, read alike under
+`python`, `%run`, `exec` and in a pasted notebook cell, so another stage's leftovers in a notebook are
+neither read nor saved. HELP=True lists them with their comments. A `str` setting takes the raw
+text; others parse as Python literals of the constant's type (an int is accepted for a float; a
+`None` default takes any literal, else the text). Unknown keys and wrong types exit non-zero naming
+the valid keys; arguments without `=` are ignored (Jupyter passes `-f kernel.json`).
 """
 from __future__ import annotations
 
 import ast
 import linecache
-import os
 import sys
 from collections.abc import MutableMapping
 
@@ -43,15 +38,16 @@ class Settings(MutableMapping):
     def __init__(self, namespace: dict, names: list[str], explicit: set, comments: dict):
         self.namespace, self.names, self.explicit, self.comments = namespace, names, explicit, comments
 
-    def __getitem__(self, key):
+    def _known(self, key):
         if key not in self.names:
             raise KeyError(key)
-        return self.namespace[key]
+        return key
+
+    def __getitem__(self, key):
+        return self.namespace[self._known(key)]
 
     def __setitem__(self, key, value):
-        if key not in self.names:
-            raise KeyError(key)
-        self.namespace[key] = value
+        self.namespace[self._known(key)] = value
 
     def __delitem__(self, key):
         raise TypeError("settings cannot be removed")
@@ -95,18 +91,11 @@ def parse_value(key: str, raw: str, default):
         raise SettingsError(f"{key}={raw!r} is not a Python literal (expected {type(default).__name__})")
     if default is None:
         return value
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(value, bool) and isinstance(default, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float))
-        value = float(value) if ok else value
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
-        value = type(default)(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise SettingsError(f"{key}={raw!r} has type {type(value).__name__}, expected {type(default).__name__}")
+    kind = type(default)      # exact types: True is not an int, 1 is not a bool
+    if kind is float and type(value) is int or kind in (list, tuple) and isinstance(value, (list, tuple)):
+        value = kind(value)
+    if type(value) is not kind:
+        raise SettingsError(f"{key}={raw!r} has type {type(value).__name__}, expected {kind.__name__}")
     return value
 
 
@@ -196,8 +185,3 @@ def run_stage_file(path, *argv: str) -> dict:
         exec(compile(source, str(path), "exec"), namespace)
     return namespace
 
-
-def secret_values() -> list[str]:
-    """Values that must never be written: the judge API key from the environment."""
-    key = os.environ.get("JUDGE_API_KEY", "")
-    return [key] if len(key) >= 4 else []

@@ -143,6 +143,17 @@ def test_grpo_stops_before_training_when_the_judge_fails_the_battery(smoke_runs)
     assert not list((smoke_runs / "grpo" / "gate.partial").glob("checkpoints/checkpoint-*"))
 
 
+def test_grpo_without_a_battery_refuses_before_loading_a_model(smoke_runs, monkeypatch):
+    """SANITY_CASES=0 with the gate on cannot be checked: 04 says so at once, not after a model load."""
+    import perm.training
+    monkeypatch.setattr(perm.training, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    grpo = stage("04_grpo.py", "none", smoke=True, RUNS_DIR=smoke_runs, INIT="base", TAG="nobattery",
+                 SANITY_CASES=0, MIN_SANITY_ACCURACY=0.5)
+    with pytest.raises(SystemExit, match="SANITY_CASES=0 chose none.*MIN_SANITY_ACCURACY=0"):
+        grpo["main"]()
+    assert not (smoke_runs / "grpo" / "nobattery").exists()
+
+
 def test_init_sft_without_an_sft_run_names_02(smoke_runs):
     proc = run_stage("04_grpo.py", f"RUNS_DIR={smoke_runs}", "SMOKE=True", "SFT_TAG=nope", "TAG=nope", check=False)
     assert proc.returncode != 0 and "02_sft.py TAG=nope" in proc.stdout
