@@ -343,10 +343,16 @@ class SeekerReply:
     goodbye: bool
 
 
+_SEEKER_TEMPLATE = [t.lower() for t in re.findall(r"<[^<>]+>", SEEKER_PROTOCOL)] + ["to end the conversation, write"]
+
+
 def parse_seeker(text: str) -> SeekerReply | None:
     """The seeker's reply: `Reason:` (one line), `Change:` (a whole number within MAX_CHANGE), then
     `Message:` or `Goodbye:` with the rest of the text as the message (a message may span lines;
-    a goodbye may be wordless). Anything else, a second protocol line included, is None."""
+    a goodbye may be wordless). Anything else, a second protocol line or a placeholder copied from
+    the protocol's template included, is None."""
+    if any(t in text.lower() for t in _SEEKER_TEMPLATE):
+        return None
     lines = text.strip().splitlines()
     firsts = [k for k, line in enumerate(lines) if line.strip()][:3]
     if len(firsts) < 3:

@@ -163,6 +163,9 @@ def test_a_seeker_out_of_protocol_is_retried_counted_and_never_guessed(tmp_path)
     ("Sure! Reason: x\nChange: 3\nMessage: hi", None),                         # text before the protocol
     ("Reason: x\nChange: 3\nMessage:", None),                                  # an empty message
     ("Reason: x\nChange: three\nMessage: hi", None),
+    ("Reason: <one line: how their last reply lands for you, and why>\nChange: +2\nMessage: hi", None),  # the template
+    ("Reason: ok\nChange: +2\nMessage: <your next message to them, as you would type it>", None),
+    ("Reason: ok\nChange: +2\nMessage: hi\nTo end the conversation, write Goodbye: bye", None),
 ])
 def test_the_seeker_protocol_is_read_strictly(text, expected):
     reply = parse_seeker(text)
