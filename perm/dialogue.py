@@ -184,8 +184,8 @@ def run_dialogues(models: dict, cases: list[dict], seeker, *, runs_dir, load_in_
 
 
 def cost_line(n_models: int, cases: list[dict], turn_limit: int, max_new_tokens: int) -> str:
-    """The most the dialogues can cost, printed before they start: every dialogue running to the
-    turn limit, every answer and seeker reply as long as allowed (about 4 characters a token)."""
+    """What the dialogues cost when every one runs to the turn limit with every answer and seeker
+    reply as long as allowed (about 4 characters a token), printed before they start; retries add to it."""
     calls = n_models * len(cases) * turn_limit
     prompt = 0
     for case in cases:
@@ -195,8 +195,9 @@ def cost_line(n_models: int, cases: list[dict], turn_limit: int, max_new_tokens:
             output_instructions=SEEKER_PROTOCOL)) // 4
         prompt += sum(base + t * max_new_tokens + (t - 1) * SEEKER_MAX_TOKENS for t in range(1, turn_limit + 1))
     return (f"dialogues: {n_models} model(s) x {len(cases)} case(s) x up to {turn_limit} turns: at most {calls} seeker "
-            f"replies (API calls; a local seeker writes each in four passes), about {n_models * prompt:,} prompt and "
-            f"{calls * SEEKER_MAX_TOKENS:,} completion tokens (an upper bound; cached replies cost nothing), and up to "
+            f"replies (API calls; a local seeker writes each in four passes, each reading the prompt), about "
+            f"{n_models * prompt:,} prompt and {calls * SEEKER_MAX_TOKENS:,} completion tokens if every dialogue runs "
+            f"to the limit (retries add to it; cached replies cost nothing), and up to "
             f"{calls} answers of {max_new_tokens} tokens to sample")
 
 
